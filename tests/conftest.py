@@ -1,0 +1,40 @@
+"""Shared test set-up: real upstream data from ALPACA_NB_DATA_DIR, an isolated user cache."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+SHARED_UPSTREAM = TESTS.parents[1] / "shared" / "data" / "upstream"
+
+# tests/check_built_book.py is a script that `make book` runs; its logic is unit-tested here too.
+sys.path.insert(0, str(TESTS))
+
+# The real files are read through ALPACA_NB_DATA_DIR (CI sets it; on this project's machines it
+# defaults to ../shared/data/upstream). Without it the loaders download the pinned files.
+if not os.environ.get("ALPACA_NB_DATA_DIR") and SHARED_UPSTREAM.is_dir():
+    os.environ["ALPACA_NB_DATA_DIR"] = str(SHARED_UPSTREAM)
+
+
+@pytest.fixture(scope="session")
+def upstream_dir() -> Path:
+    """Return the folder of real upstream files (ALPACA_NB_DATA_DIR as the session started)."""
+    value = os.environ.get("ALPACA_NB_DATA_DIR")
+    if not value:
+        pytest.fail("ALPACA_NB_DATA_DIR is not set and ../shared/data/upstream is absent: the real-data tests need it")
+    return Path(value)
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Point the user cache at an empty folder and hide the data dir: nothing is found locally."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("ALPACA_NB_CACHE_DIR", str(cache))
+    monkeypatch.delenv("ALPACA_NB_DATA_DIR", raising=False)
+    monkeypatch.delenv("ALPACA_NB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return cache

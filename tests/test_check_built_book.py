@@ -1,0 +1,41 @@
+"""The built-book checker's verdicts on hand-written pages (the real run is `make book`'s last step)."""
+
+from __future__ import annotations
+
+from check_built_book import check_expectations, inspect_page, parse_expectations
+
+VIEW = '<script type="application/vnd.jupyter.widget-view+json">{"model_id": "m"}</script>'
+
+
+def page_with(tmp_path, body: str):
+    (tmp_path / "plot.png").write_bytes(b"\x89PNG data")
+    page = tmp_path / "chapter.html"
+    html = f"<html><body><article>{body}</article></body></html>"
+    page.write_text(html)
+    return page, html
+
+
+def test_a_clean_page_with_plot_and_rendered_widget_passes(tmp_path):
+    page, html = page_with(tmp_path, f'<div class="cell_output"><img src="plot.png"></div><div class="cell_output">{VIEW}</div>')
+    rendered = html.replace(VIEW, VIEW + '<div class="widget-subarea"><div class="jupyter-widgets"></div></div>')
+    report = inspect_page(page, html, rendered)
+    assert report.problems == [] and report.images == 1 and report.widget_views == 1 and report.rendered_widgets == 1
+
+
+def test_unrendered_widget_missing_image_and_traceback_are_problems(tmp_path):
+    body = (f'<div class="cell_output">{VIEW}</div><div class="cell_output"><img src="gone.png"></div>'
+            '<div class="cell_output">Traceback (most recent call last): boom</div>'
+            '<div class="cell_output">&lt;Figure size 640x480 with 1 Axes&gt;</div>')
+    page, html = page_with(tmp_path, body)
+    problems = inspect_page(page, html, html).problems
+    assert any("widget views did not render" in p for p in problems)
+    assert any("image missing: 'gone.png'" in p for p in problems)
+    assert any("traceback" in p for p in problems)
+    assert any("figure printed as text" in p for p in problems)
+
+
+def test_expectations_flag_pages_with_too_few_plots(tmp_path):
+    page, html = page_with(tmp_path, "<p>no outputs</p>")
+    report = inspect_page(page, html, html)
+    check_expectations(report, parse_expectations(["chapter=images:2,widgets:1"])["chapter"])
+    assert report.problems == ["expected at least 2 images, found 0", "expected at least 1 widgets, found 0"]

@@ -1,0 +1,40 @@
+"""alpaca_nb.claims and the alpaca-nb command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from alpaca_nb.claims import PAPER_CLAIMS, claim, claims_frame
+from alpaca_nb.cli import main
+
+
+def test_claims_hold_the_papers_figures():
+    assert "90 versus 89" in claim("pairwise_eval").paper_says
+    assert "$500" in claim("generation_cost").paper_says
+    assert "Dodoma" in claim("hallucination").paper_says
+    assert len(claims_frame()) == len(PAPER_CLAIMS)
+
+
+def test_unknown_claim_lists_known_keys():
+    with pytest.raises(KeyError, match="known: seed_tasks"):
+        claim("nope")
+
+
+def test_cli_assets_lists_pinned_urls(capsys):
+    assert main(["assets"]) == 0
+    output = capsys.readouterr().out
+    assert "alpaca_data" in output and "52002" in output and "761dc5bfbdeeffa89b8bff5d038781a4055f796a" in output
+
+
+def test_cli_prepare_reports_each_file_and_fails_when_one_is_missing(isolated_cache, monkeypatch, capsys):
+    monkeypatch.setenv("ALPACA_NB_OFFLINE", "1")
+    assert main(["prepare"]) == 1
+    assert "seed_tasks         MISSING" in capsys.readouterr().err
+
+
+def test_console_script_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "alpaca_nb.cli", "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "prepare" in result.stdout

@@ -1,0 +1,36 @@
+"""alpaca_nb.widgets: the seed browser starts in a meaningful state and follows its controls."""
+
+from __future__ import annotations
+
+from alpaca_nb.data import load_seed_tasks
+from alpaca_nb.widgets import seed_browser_widget
+
+
+def controls(widget):
+    title, row, results = widget.children
+    classification, has_input, search = row.children
+    return classification, has_input, search, results
+
+
+def test_first_state_shows_all_tasks():
+    widget = seed_browser_widget(load_seed_tasks(), rows=3)
+    *_, results = controls(widget)
+    assert "<b>175</b> of 175 tasks match; showing 3." in results.value
+    assert "breakfast_suggestion" in results.value
+
+
+def test_controls_filter_the_table():
+    widget = seed_browser_widget(load_seed_tasks(), rows=3)
+    classification, has_input, search, results = controls(widget)
+    classification.value = "yes"
+    assert "<b>26</b> of 175" in results.value
+    search.value = "zebra-unicorn that no task mentions"
+    assert "<b>0</b> of 175 tasks match" in results.value and "<table" not in results.value
+
+
+def test_text_is_escaped():
+    from alpaca_nb.data import AlpacaRecord
+
+    widget = seed_browser_widget([AlpacaRecord("<script>alert(1)</script>", "", "x")])
+    *_, results = controls(widget)
+    assert "<script>" not in results.value and "&lt;script&gt;" in results.value
