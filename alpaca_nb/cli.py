@@ -47,6 +47,40 @@ def _reply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from alpaca_nb.llm import serve
+
+    return serve(host=args.host, port=args.port, n_ctx=args.n_ctx)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Run self-instruct generation against an endpoint, or against the embedded server when none is given."""
+    import contextlib
+
+    from alpaca_nb.llm import Endpoint, local_server
+    from alpaca_nb.selfinstruct import SamplingSettings, generate
+
+    sampling = SamplingSettings(max_tokens=args.max_tokens)
+    with contextlib.ExitStack() as stack:
+        base_url, model = args.base_url, args.model
+        if base_url is None:
+            server = stack.enter_context(local_server())
+            base_url, model = server.base_url, model or server.model
+            print(f"started the embedded llama.cpp server at {base_url} (pid {server.pid})")
+        if not model:
+            print("alpaca-nb generate: --model is required with --base-url", file=sys.stderr)
+            return 2
+        endpoint = Endpoint(base_url, model, api=args.api, timeout=args.timeout)
+        report = generate(endpoint, args.num_instructions, args.out, budget_usd=args.budget_usd,
+                          concurrency=args.concurrency, seed=args.seed, sampling=sampling, price_as=args.price_as,
+                          max_requests=args.max_requests)
+    print(f"{report.stopped_reason}\nkept {report.kept} instructions in {report.out_dir / 'generated.jsonl'} "
+          f"from {report.requests} requests; spent ${report.spent_usd:.4f}")
+    for stage, count in report.funnel().items():
+        print(f"  {stage:28s} {count}")
+    return 0 if report.stopped_reason.startswith("done") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``alpaca-nb`` command."""
     parser = argparse.ArgumentParser(prog="alpaca-nb", description=__doc__)
@@ -62,15 +96,37 @@ def build_parser() -> argparse.ArgumentParser:
     reply.add_argument("--temperature", type=float, default=0.0)
     reply.add_argument("--seed", type=int, default=0)
     reply.set_defaults(run=_reply)
+    serve = commands.add_parser("serve", help="run the embedded OpenAI-compatible llama.cpp server in the foreground")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--n-ctx", type=int, default=4096)
+    serve.set_defaults(run=_serve)
+    gen = commands.add_parser("generate", help="self-instruct generation (resumable; rerun the same command to continue)")
+    gen.add_argument("--base-url", default=None, help="OpenAI-compatible /v1 URL (default: start the embedded server)")
+    gen.add_argument("--model", default=None, help="model name at the endpoint, e.g. gpt-4o-mini")
+    gen.add_argument("--num-instructions", type=int, required=True)
+    gen.add_argument("--out", required=True, help="folder for generated.jsonl, requests.jsonl and ledger.jsonl")
+    gen.add_argument("--budget-usd", type=float, default=None)
+    gen.add_argument("--concurrency", type=int, default=8)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--api", choices=["chat", "completions"], default="chat")
+    gen.add_argument("--max-tokens", type=int, default=3072, help="completion tokens per request (upstream: 3072)")
+    gen.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    gen.add_argument("--price-as", default=None, help="price calls as this model (for self-hosted models)")
+    gen.add_argument("--max-requests", type=int, default=None, help="stop after this many finished requests")
+    gen.set_defaults(run=_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``alpaca-nb`` command line; returns the exit status."""
+    from alpaca_nb.costs import PriceError
+    from alpaca_nb.llm import LLMError
+
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except DataError as error:
+    except (DataError, PriceError, LLMError) as error:
         print(f"alpaca-nb: {error}", file=sys.stderr)
         return 2
 

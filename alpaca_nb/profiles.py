@@ -30,12 +30,20 @@ class Profile:
     alpaca_asset: str
     max_new_tokens: int
     table_rows: int
+    teacher_base_url: str
+    teacher_model: str
+    generate_instructions: int
+    generate_max_requests: int
+    generate_max_tokens: int
+    generate_concurrency: int
+    generate_budget_usd: float
     smoke: bool = False
 
     def as_rows(self) -> list[tuple[str, str]]:
         """Return (setting, value) pairs for display, naming the embedded model where a field is empty."""
-        embedded = "embedded SmolLM2-135M-Instruct"
-        return [(key, str(value) if value != "" else embedded) for key, value in asdict(self).items()]
+        embedded = {"teacher_base_url": "embedded llama.cpp server"}
+        return [(key, str(value) if value != "" else embedded.get(key, "embedded SmolLM2-135M-Instruct"))
+                for key, value in asdict(self).items()]
 
 
 def _table() -> dict:

@@ -6,13 +6,14 @@ book (no kernel) shows real content.
 
 from __future__ import annotations
 
+import html
 from typing import Sequence
 
 import ipywidgets as widgets
 
-from alpaca_nb.seeds import filter_tasks, records_frame
+from alpaca_nb.seeds import filter_tasks, records_frame, shorten
 
-__all__ = ["seed_browser_widget"]
+__all__ = ["prompt_price_widget", "seed_browser_widget"]
 
 _CHOICES = {"any": None, "yes": True, "no": False}
 
@@ -42,3 +43,26 @@ def seed_browser_widget(tasks: Sequence[object], rows: int = 10) -> widgets.VBox
     refresh()
     title = widgets.HTML(f"<b>Seed task browser</b> ({len(tasks)} tasks)")
     return widgets.VBox([title, widgets.HBox([classification, has_input, search]), results])
+
+
+def prompt_price_widget(tasks: Sequence[object], chosen: Sequence[int] = (0, 1, 2), model: str = "text-davinci-003",
+                        max_tokens: int = 3072) -> widgets.VBox:
+    """Return a picker of seed tasks that shows the exact generation prompt, its tokens and its price."""
+    from alpaca_nb.selfinstruct import price_prompt
+
+    labels = [(f"{index}: {shorten(task.instruction, 70)}", index) for index, task in enumerate(tasks)]
+    picker = widgets.SelectMultiple(options=labels, value=tuple(chosen), rows=8, description="seeds",
+                                    layout=widgets.Layout(width="95%"))
+    summary, prompt_view = widgets.HTML(), widgets.HTML()
+
+    def refresh(_change: object = None) -> None:
+        priced = price_prompt([tasks[index] for index in picker.value], model=model, max_tokens=max_tokens)
+        summary.value = (f"<p><b>{len(picker.value)}</b> seeds &rarr; <b>{priced.prompt_tokens}</b> prompt tokens "
+                         f"({model} tokenizer); prompt ${priced.prompt_usd:.4f}, worst case with a "
+                         f"{max_tokens}-token completion ${priced.worst_case_usd:.4f} at {model} prices.</p>")
+        prompt_view.value = f"<pre style='white-space: pre-wrap; font-size: 0.8em'>{html.escape(priced.prompt)}</pre>"
+
+    picker.observe(refresh, names="value")
+    refresh()
+    return widgets.VBox([widgets.HTML("<b>Build a generation prompt</b> (pick seeds with Ctrl/Cmd-click)"),
+                         picker, summary, prompt_view])

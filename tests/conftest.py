@@ -18,6 +18,9 @@ sys.path.insert(0, str(TESTS))
 # defaults to ../shared/data/upstream). Without it the loaders download the pinned files.
 if not os.environ.get("ALPACA_NB_DATA_DIR") and SHARED_UPSTREAM.is_dir():
     os.environ["ALPACA_NB_DATA_DIR"] = str(SHARED_UPSTREAM)
+# Offline tiktoken encodings: `make` fills .cache/tiktoken from ../shared/data/tiktoken.
+if not os.environ.get("TIKTOKEN_CACHE_DIR") and (TESTS.parent / ".cache" / "tiktoken").is_dir():
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(TESTS.parent / ".cache" / "tiktoken")
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +41,7 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("ALPACA_NB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     return cache
+
+
+# Fixtures for the embedded llama.cpp server and the fault-injecting proxy live in their own module.
+pytest_plugins = ["llm_fixtures"]

@@ -34,3 +34,17 @@ def test_text_is_escaped():
     widget = seed_browser_widget([AlpacaRecord("<script>alert(1)</script>", "", "x")])
     *_, results = controls(widget)
     assert "<script>" not in results.value and "&lt;script&gt;" in results.value
+
+
+def test_prompt_price_widget_shows_prompt_tokens_and_price():
+    from alpaca_nb.selfinstruct import price_prompt
+    from alpaca_nb.widgets import prompt_price_widget
+
+    tasks = load_seed_tasks()
+    widget = prompt_price_widget(tasks, chosen=(0, 1, 2))
+    _, picker, summary, prompt_view = widget.children
+    expected = price_prompt(tasks[:3])
+    assert f"<b>{expected.prompt_tokens}</b> prompt tokens" in summary.value
+    assert f"${expected.prompt_usd:.4f}" in summary.value and prompt_view.value.removesuffix("</pre>").endswith("4. Instruction:")
+    picker.value = (5,)
+    assert "<b>1</b> seeds" in summary.value and "2. Instruction:" in prompt_view.value

@@ -1,0 +1,525 @@
+"""Call an OpenAI-compatible LLM with recorded, bounded retries, and serve the embedded model locally.
+
+Taught in chapter 2 (book/02_self_instruct.md). Self-instruct asks a teacher model for thousands
+of completions, so every call goes through :class:`Endpoint`, which
+
+* talks to any OpenAI-compatible server (OpenAI itself, vLLM, llama.cpp) through the official
+  ``openai`` client, with the client's own retries switched off so that this loop sees every attempt;
+* retries what is worth retrying (429 with its ``Retry-After``, 5xx, timeouts, dropped connections,
+  a 200 whose body is not a usable completion) with capped exponential backoff and full jitter,
+  and fails at once on the others (400, 401, 403, 404, ...);
+* reports each HTTP attempt as a :class:`CallRecord` to ``on_call`` (tokens, latency, outcome), which
+  is what the cost and throughput tables of the chapter are built from;
+* never puts the API key in a message, repr or record.
+
+:func:`local_server` starts the embedded SmolLM2-135M-Instruct GGUF behind llama.cpp's
+OpenAI-compatible server, so the whole pipeline runs offline; :func:`serve` runs it in the foreground.
+The llama.cpp server answers one prompt per request (``n`` > 1 is ignored, prompt lists fail), so
+throughput comes from concurrent requests, e.g. ``asyncio.gather`` over :meth:`Endpoint.acomplete`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+import weakref
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping
+
+import openai
+
+__all__ = [
+    "LOCAL_MODEL_ALIAS",
+    "AuthenticationError",
+    "CallRecord",
+    "Completion",
+    "Endpoint",
+    "LLMError",
+    "LocalServer",
+    "local_server",
+    "serve",
+]
+
+LOCAL_MODEL_ALIAS = "smollm2-135m-instruct"
+_APIS = ("chat", "completions")
+# Keyless local servers still need *some* bearer token for the client to send.
+_KEY_PLACEHOLDER = "not-set"
+
+
+class LLMError(RuntimeError):
+    """A call to the LLM failed for good; the message says why (and never contains the API key)."""
+
+
+class AuthenticationError(LLMError):
+    """The server answered HTTP 401: the API key is missing or wrong."""
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One HTTP attempt, as given to ``Endpoint.on_call``."""
+
+    model: str
+    api: str
+    outcome: str  # "ok" | "retry" (failed, will be retried) | "error" (failed for good)
+    status: int | None  # None for timeouts, connection errors
+    error: str  # "" when ok, else short text such as "429 Too Many Requests" or "timeout"
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+    finish_reason: str | None
+    request_id: str  # the server's response id, else a generated uuid4 hex
+    attempt: int  # 1-based
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The text of a successful call, with its token usage and total cost in time and attempts."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float  # wall time of the whole call, retries and waits included
+    request_id: str
+    model: str
+    attempts: int
+
+
+class Endpoint:
+    """One model behind an OpenAI-compatible API: ``complete`` (sync) and ``acomplete`` (async).
+
+    ``base_url=None`` means OpenAI's own API. The key is read once, here, from ``$api_key_env``; when
+    it is unset a placeholder is sent (keyless local servers accept it, others answer 401).
+    ``api`` is "chat" (messages) or "completions" (raw text). Each HTTP attempt waits at most
+    ``timeout`` seconds; at most ``max_retries`` retries follow the first attempt, after
+    ``Retry-After`` or a random wait of up to ``min(backoff_max, backoff_base * 2**(attempt-1))``.
+    ``on_call`` receives a :class:`CallRecord` for every attempt.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None,
+        model: str,
+        api_key_env: str = "OPENAI_API_KEY",
+        api: str = "chat",
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        on_call: Callable[[CallRecord], None] | None = None,
+    ) -> None:
+        if api not in _APIS:
+            raise ValueError(f"api={api!r}: expected one of {_APIS}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries={max_retries}: must be 0 or more")
+        self.base_url = base_url
+        self.model = model
+        self.api_key_env = api_key_env
+        self.api = api
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.on_call = on_call
+        self._api_key = os.environ.get(api_key_env) or _KEY_PLACEHOLDER
+        self._sync_client: openai.OpenAI | None = None
+        # An AsyncOpenAI's connection pool belongs to the event loop that opened it: one client per loop,
+        # kept with the async generator that closes it when that loop shuts down.
+        self._async_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[openai.AsyncOpenAI, Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __repr__(self) -> str:
+        return (f"Endpoint(base_url={self.base_url!r}, model={self.model!r}, api={self.api!r}, "
+                f"api_key_env={self.api_key_env!r})")
+
+    def complete(self, prompt: str | list[dict], **sampling: Any) -> Completion:
+        """Return the model's completion of ``prompt``, retrying transient failures (blocking)."""
+        call = _Call(self, prompt, sampling)
+        client = self._openai_client()
+        while True:
+            call.start_attempt()
+            try:
+                return call.succeeded(call.send(client))
+            except _ATTEMPT_ERRORS as exc:
+                time.sleep(call.failed(exc))  # raises LLMError when there is no next attempt
+
+    async def acomplete(self, prompt: str | list[dict], **sampling: Any) -> Completion:
+        """Like :meth:`complete`, for ``asyncio``: run many with ``asyncio.gather`` for throughput."""
+        call = _Call(self, prompt, sampling)
+        client = await self._async_openai_client()
+        while True:
+            call.start_attempt()
+            try:
+                return call.succeeded(await call.send(client))
+            except _ATTEMPT_ERRORS as exc:
+                await asyncio.sleep(call.failed(exc))
+
+    def _client_options(self) -> dict[str, Any]:
+        # max_retries=0: the client must not retry behind our back, or attempts would go unrecorded.
+        return {"api_key": self._api_key, "base_url": self.base_url, "timeout": self.timeout, "max_retries": 0}
+
+    def _openai_client(self) -> openai.OpenAI:
+        if self._sync_client is None:
+            self._sync_client = openai.OpenAI(**self._client_options())
+        return self._sync_client
+
+    async def _async_openai_client(self) -> openai.AsyncOpenAI:
+        loop = asyncio.get_running_loop()
+        if loop not in self._async_clients:
+            client = openai.AsyncOpenAI(**self._client_options())
+            closer = _close_at_loop_shutdown(client)
+            self._async_clients[loop] = (client, closer)
+            await closer.__anext__()  # now the loop tracks it, and asyncio.run() will close it
+        return self._async_clients[loop][0]
+
+    def _scrub(self, text: str) -> str:
+        """Remove the API key from text that came from elsewhere (servers may echo it)."""
+        if self._api_key != _KEY_PLACEHOLDER and len(self._api_key) >= 4:
+            text = text.replace(self._api_key, "***")
+        return text
+
+
+async def _close_at_loop_shutdown(client: openai.AsyncOpenAI) -> AsyncIterator[None]:
+    """Suspend until the event loop shuts down, then close ``client`` while the loop still runs.
+
+    Event loops close their live async generators on shutdown (``asyncio.run`` does, through
+    ``loop.shutdown_asyncgens()``), so the client's pooled connections do not outlive their loop.
+    """
+    try:
+        yield
+    finally:
+        await client.close()
+
+
+class _InvalidBody(Exception):
+    """A response arrived but its body is not a usable completion (truncated, not JSON, no choices)."""
+
+    def __init__(self, status: int | None) -> None:
+        super().__init__("invalid response body")
+        self.status = status
+
+
+# What one attempt can end with; anything else (a TypeError from a bad argument) is a bug, not a retry.
+_ATTEMPT_ERRORS = (openai.APIError, _InvalidBody)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """What went wrong in one attempt, and whether another attempt may help."""
+
+    status: int | None
+    error: str  # short, for the CallRecord
+    detail: str  # the server's own message, for the final LLMError (may echo the key: scrub it)
+    retryable: bool
+    retry_after_s: float | None
+    request_id: str
+
+
+class _Call:
+    """The state of one ``complete``/``acomplete`` call; all retry logic shared by both shells."""
+
+    def __init__(self, endpoint: Endpoint, prompt: str | list[dict], sampling: dict[str, Any]) -> None:
+        self.endpoint = endpoint
+        self.request = _request_arguments(endpoint.model, endpoint.api, prompt, sampling)
+        self.started = time.monotonic()
+        self.attempt = 0
+        self.attempt_started = self.started
+
+    def start_attempt(self) -> None:
+        self.attempt += 1
+        self.attempt_started = time.monotonic()
+
+    def send(self, client: openai.OpenAI | openai.AsyncOpenAI) -> Any:
+        """Issue the request; returns the raw response (a coroutine of it for the async client)."""
+        resource = client.chat.completions if self.endpoint.api == "chat" else client.completions
+        # The raw response keeps the HTTP status, so an unusable 200 body can be recorded as such.
+        return resource.with_raw_response.create(**self.request)
+
+    def succeeded(self, raw: Any) -> Completion:
+        """Parse a 2xx response, record the attempt as "ok" and build the Completion."""
+        text, finish_reason, usage, request_id = _parse_completion(raw, self.endpoint.api)
+        prompt_tokens, completion_tokens = usage
+        now = time.monotonic()
+        self._record("ok", raw.status_code, "", now - self.attempt_started, request_id,
+                     prompt_tokens, completion_tokens, finish_reason)
+        return Completion(text=text, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
+                          completion_tokens=completion_tokens, latency_s=now - self.started,
+                          request_id=request_id, model=self.endpoint.model, attempts=self.attempt)
+
+    def failed(self, exc: Exception) -> float:
+        """Record a failed attempt; return the wait before the next one, or raise when there is none."""
+        failure = _classify(exc)
+        final = not failure.retryable or self.attempt > self.endpoint.max_retries
+        self._record("error" if final else "retry", failure.status, failure.error,
+                     time.monotonic() - self.attempt_started, failure.request_id)
+        if final:
+            raise self._final_error(failure) from None  # the cause may quote the key: keep it out of tracebacks
+        if failure.retry_after_s is not None:
+            return failure.retry_after_s
+        return _backoff_s(self.attempt, self.endpoint.backoff_base, self.endpoint.backoff_max)
+
+    def _record(self, outcome: str, status: int | None, error: str, latency_s: float, request_id: str,
+                prompt_tokens: int = 0, completion_tokens: int = 0, finish_reason: str | None = None) -> None:
+        if self.endpoint.on_call is None:
+            return
+        self.endpoint.on_call(CallRecord(
+            model=self.endpoint.model, api=self.endpoint.api, outcome=outcome, status=status, error=error,
+            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, latency_s=latency_s,
+            finish_reason=finish_reason, request_id=request_id, attempt=self.attempt))
+
+    def _final_error(self, failure: _Failure) -> LLMError:
+        endpoint = self.endpoint
+        where = f"{endpoint.model} ({endpoint.api} API at {endpoint.base_url or 'the OpenAI default URL'})"
+        if failure.status == 401:
+            return AuthenticationError(endpoint._scrub(f"{where}: HTTP 401 Unauthorized: the API key in "
+                                                       f"${endpoint.api_key_env} is missing or wrong"))
+        detail = f": {failure.detail}" if failure.detail else ""
+        if not failure.retryable:
+            return LLMError(endpoint._scrub(f"{where}: HTTP {failure.error}{detail} (not retried)"))
+        return LLMError(endpoint._scrub(f"{where}: gave up after {self.attempt} attempts; "
+                                        f"last error: {failure.error}{detail}"))
+
+
+def _request_arguments(model: str, api: str, prompt: str | list[dict], sampling: dict[str, Any]) -> dict[str, Any]:
+    """Build the keyword arguments of ``create`` for one prompt."""
+    reserved = {"model", "messages", "prompt", "stream"} & sampling.keys()
+    if reserved:
+        raise ValueError(f"{sorted(reserved)} cannot be sampling options (the prompt and model are given "
+                         "separately; streaming is not supported)")
+    if isinstance(prompt, str):
+        payload = {"messages": [{"role": "user", "content": prompt}]} if api == "chat" else {"prompt": prompt}
+    elif isinstance(prompt, list) and all(isinstance(message, dict) for message in prompt):
+        if api != "chat":
+            raise ValueError("a list of messages needs api='chat'; the completions API takes one string prompt")
+        payload = {"messages": prompt}
+    else:
+        raise ValueError(f"prompt must be a string or a list of message dicts, not {type(prompt).__name__}")
+    return {"model": model, **payload, **sampling}
+
+
+def _parse_completion(raw: Any, api: str) -> tuple[str, str, tuple[int, int], str]:
+    """Return (text, finish_reason, (prompt_tokens, completion_tokens), request_id) or raise _InvalidBody."""
+    try:
+        body = raw.parse()
+        choice = body.choices[0]
+        text = choice.message.content if api == "chat" else choice.text
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"text is a {type(text).__name__}")
+        usage = body.usage
+        tokens = (int(usage.prompt_tokens), int(usage.completion_tokens)) if usage is not None else (0, 0)
+        return text or "", choice.finish_reason or "", tokens, body.id or uuid.uuid4().hex
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        # Not JSON (ValueError), or JSON that is not a completion (a str body has no .choices).
+        raise _InvalidBody(raw.status_code) from None
+
+
+def _classify(exc: Exception) -> _Failure:
+    """Turn the exception of one attempt into a _Failure (status, short error, retryable?)."""
+    fresh_id = uuid.uuid4().hex
+    if isinstance(exc, _InvalidBody):
+        return _Failure(exc.status, "invalid response body", "", True, None, fresh_id)
+    if isinstance(exc, openai.APITimeoutError):
+        return _Failure(None, "timeout", "", True, None, fresh_id)
+    if isinstance(exc, openai.APIConnectionError):
+        cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection failed"
+        return _Failure(None, f"connection error ({cause})", "", True, None, fresh_id)
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        retryable = status == 429 or status >= 500
+        retry_after = _retry_after_s(exc.response.headers) if retryable else None
+        return _Failure(status, _status_text(status), _server_message(exc.body), retryable, retry_after,
+                        exc.request_id or fresh_id)
+    if isinstance(exc, openai.APIResponseValidationError):
+        return _Failure(exc.status_code, "invalid response body", "", True, None, fresh_id)
+    return _Failure(None, type(exc).__name__, "", False, None, fresh_id)
+
+
+def _status_text(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return str(status)
+
+
+def _server_message(body: object) -> str:
+    """The human part of an error body: {"error": {"message": ...}} (OpenAI) or {"detail": ...} (FastAPI)."""
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping):
+            message = inner.get("message") or inner.get("detail") or ""
+        else:
+            message = inner
+        body = message
+    return str(body or "")[:300]
+
+
+def _retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """Seconds asked for by a ``Retry-After`` header (a number or an HTTP date), or None."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _backoff_s(attempt: int, base: float, cap: float) -> float:
+    """Capped exponential backoff with full jitter: concurrent clients do not retry in lockstep."""
+    return random.uniform(0.0, min(cap, base * 2 ** (attempt - 1)))
+
+
+# -- the embedded model behind llama.cpp's OpenAI-compatible server ------------------------------
+
+
+@dataclass(frozen=True)
+class LocalServer:
+    """A running local server: pass ``base_url`` and ``model`` to :class:`Endpoint`."""
+
+    base_url: str
+    model: str
+    pid: int
+
+
+@contextlib.contextmanager
+def local_server(
+    gguf: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    n_ctx: int = 4096,
+    startup_timeout: float = 120.0,
+    log_path: Path | None = None,
+) -> Iterator[LocalServer]:
+    """Run llama.cpp's server on ``gguf`` (default: the embedded SmolLM2) for the ``with`` block.
+
+    ``port=None`` picks a free port. The server's output goes to ``log_path`` (a temporary file,
+    removed afterwards, when None); its last lines are in the LLMError raised when it fails to start.
+    """
+    with _running_server(gguf, host, port, n_ctx, startup_timeout, log_path) as (server, _process):
+        yield server
+
+
+def serve(gguf: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = 4096) -> int:
+    """Run the local server in the foreground until Ctrl-C; return 0, or the server's exit code if it died."""
+    with _running_server(gguf, host, port, n_ctx, 120.0, None) as (server, process):
+        print(f"Serving {server.model!r} at {server.base_url} (OpenAI-compatible). Press Ctrl-C to stop.", flush=True)
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            return 0
+
+
+@contextlib.contextmanager
+def _running_server(gguf: str | Path | None, host: str, port: int | None, n_ctx: int, startup_timeout: float,
+                    log_path: Path | None) -> Iterator[tuple[LocalServer, subprocess.Popen]]:
+    model_path = _model_path(gguf)
+    _require_llama_cpp_server()
+    port = port or _free_port(host)
+    log = Path(log_path) if log_path is not None else _temporary_log()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    # llama-cpp-python's default prompt-processing threads (all cores) spin-wait against any other busy
+    # process and then stall for seconds on a small machine; half the cores for both phases does not.
+    threads = str(max(1, (os.cpu_count() or 2) // 2))
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
+               "--model_alias", LOCAL_MODEL_ALIAS, "--host", host, "--port", str(port), "--n_ctx", str(n_ctx),
+               "--n_threads", threads, "--n_threads_batch", threads]
+    with open(log, "ab") as log_file:  # the child keeps its own copy of the descriptor
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    # A server bound to every interface is still reached through the loopback address.
+    client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    server = LocalServer(base_url=f"http://{client_host}:{port}/v1", model=LOCAL_MODEL_ALIAS, pid=process.pid)
+    try:
+        _wait_until_ready(server, process, log, startup_timeout)
+        yield server, process
+    finally:
+        _stop(process)
+        if log_path is None:
+            log.unlink(missing_ok=True)
+
+
+def _model_path(gguf: str | Path | None) -> Path:
+    if gguf is None:
+        from alpaca_nb.models import embedded_gguf_path  # imports torch: only when the default is wanted
+
+        return embedded_gguf_path()
+    path = Path(gguf).expanduser()
+    if not path.is_file():
+        raise LLMError(f"{path}: no such GGUF model file")
+    return path
+
+
+def _require_llama_cpp_server() -> None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise LLMError("llama-cpp-python is not installed: run `pip install -e '.[server]'` "
+                       "(or `make setup`); it compiles llama.cpp, about 6 minutes")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host if host not in ("", "::") else "0.0.0.0", 0))
+        return probe.getsockname()[1]
+
+
+def _temporary_log() -> Path:
+    handle, name = tempfile.mkstemp(prefix="alpaca-nb-llama-server-", suffix=".log")
+    os.close(handle)
+    return Path(name)
+
+
+def _wait_until_ready(server: LocalServer, process: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll ``GET /v1/models`` until it answers 200; raise LLMError if the process dies or time runs out."""
+    # No proxies: a corporate HTTP_PROXY must not intercept a request to our own loopback server.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LLMError(f"the llama.cpp server exited with code {process.returncode} before answering; "
+                           f"last lines of its log ({log}):\n{_log_tail(log)}")
+        try:
+            with opener.open(f"{server.base_url}/models", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass  # not listening yet
+        time.sleep(0.1)
+    raise LLMError(f"the llama.cpp server did not answer {server.base_url}/models within {timeout:g} s; "
+                   f"last lines of its log ({log}):\n{_log_tail(log)}")
+
+
+def _log_tail(log: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(log unreadable)"
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop our own server process by its pid: SIGTERM, a grace period, then SIGKILL."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

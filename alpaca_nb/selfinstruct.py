@@ -1,0 +1,500 @@
+"""Self-instruct generation as Alpaca ran it: prompt, parse, filter, de-duplicate, keep.
+
+Taught in chapter 2 (book/02_self_instruct.md). Faithful to stanford_alpaca's
+generate_instruction.py where it matters (prompt layout, sampling defaults, block parsing, the
+filter rules, ROUGE-L > 0.7 against every kept instruction); robust where upstream was not
+(resumable after SIGKILL, a hard budget cap, every call in the ledger).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import json
+import os
+import random
+import re
+import string
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple, Sequence
+
+from tqdm.auto import tqdm
+
+from alpaca_nb.costs import BudgetExceeded, Ledger, count_tokens
+from alpaca_nb.data import load_prompt_template, load_seed_tasks
+from alpaca_nb.llm import AuthenticationError, CallRecord, Endpoint, LLMError, local_server
+from alpaca_nb.rouge import RougeLFilter
+
+__all__ = [
+    "BLACKLIST",
+    "FILTER_REASONS",
+    "Candidate",
+    "GenerationReport",
+    "ParsedBlocks",
+    "PromptPrice",
+    "RougeLFilter",
+    "SamplingSettings",
+    "encode_chat_prompt",
+    "encode_prompt",
+    "filter_reason",
+    "generate",
+    "max_similarities",
+    "parse_completion",
+    "plot_funnel",
+    "plot_similarity_histograms",
+    "price_prompt",
+    "read_generated",
+    "teacher_endpoint",
+]
+
+# stanford_alpaca generate_instruction.py: words a text-only model cannot act on.
+BLACKLIST = ("image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw",
+             "plot", "go to", "video", "audio", "music", "flowchart", "diagram")
+FILTER_REASONS = ("too_short", "too_long", "blacklisted_word", "write_a_program", "starts_with_punctuation",
+                  "starts_non_ascii")
+_BLACKLIST_PATTERNS = [re.compile(rf"\b({re.escape(word)})\b", flags=re.IGNORECASE) for word in BLACKLIST]
+CHAT_SYSTEM_PROMPT = ("You continue numbered task lists. Reply with the remaining tasks only, in exactly the format "
+                      "shown: 'N. Instruction:', 'N. Input:', 'N. Output:', tasks separated by a line '###'.")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Upstream's decoding settings (OpenAIDecodingArguments in generate_instruction.py)."""
+
+    num_prompt_instructions: int = 3
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 3072
+    stop: tuple[str, ...] = ("\n20", "20.")
+
+    def request_args(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens, "stop": list(self.stop)}
+
+
+class Candidate(NamedTuple):
+    instruction: str
+    input: str
+    output: str
+
+
+class ParsedBlocks(list):
+    """The parsed (instruction, input, output) candidates, with counts of the blocks that were dropped."""
+
+    def __init__(self, candidates: Sequence[Candidate] = (), malformed: int = 0, truncated: int = 0):
+        super().__init__(candidates)
+        self.malformed = malformed  # blocks that did not split into instruction, input and output
+        self.truncated = truncated  # the last block, dropped because the completion hit max_tokens
+
+
+# --------------------------------------------------------------------------- prompt
+
+
+def _normalise_instruction(instruction: str) -> str:
+    return re.sub(r"\s+", " ", instruction).strip().rstrip(":")
+
+
+def encode_prompt(seed_examples: Sequence[Any], template: str | None = None) -> str:
+    """Return the completion prompt: prompt.txt, numbered seed blocks separated by ###, then 'N. Instruction:'."""
+    prompt = (load_prompt_template() if template is None else template) + "\n"
+    for number, example in enumerate(seed_examples, start=1):
+        task_input = example.input if example.input.strip() else "<noinput>"
+        prompt += "###\n"
+        prompt += f"{number}. Instruction: {_normalise_instruction(example.instruction)}\n"
+        prompt += f"{number}. Input:\n{task_input}\n"
+        prompt += f"{number}. Output:\n{example.output}\n"
+    prompt += "###\n"
+    prompt += f"{len(seed_examples) + 1}. Instruction:"
+    return prompt
+
+
+def encode_chat_prompt(seed_examples: Sequence[Any], template: str | None = None) -> list[dict[str, str]]:
+    """Return chat messages carrying the same prompt, for endpoints that only serve chat models."""
+    return [{"role": "system", "content": CHAT_SYSTEM_PROMPT},
+            {"role": "user", "content": encode_prompt(seed_examples, template)}]
+
+
+# --------------------------------------------------------------------------- parse and filter
+
+
+def parse_completion(text: str, num_prompt_instructions: int = 3, truncated: bool = False) -> ParsedBlocks:
+    """Return the candidates in a completion, split as upstream does; never raises.
+
+    The completion continues after 'N. Instruction:', so that header is put back before splitting
+    on ###. A chat model that repeats the header is tolerated.
+    """
+    first = num_prompt_instructions + 1
+    body = str(text)
+    body = re.sub(rf"^\s*{first}\.\s+Instruction:", "", body, count=1)
+    blocks = re.split("###", f"{first}. Instruction:" + body)
+    dropped_truncated = 0
+    if truncated and blocks:
+        blocks, dropped_truncated = blocks[:-1], 1
+    candidates, malformed = [], 0
+    for offset, block in enumerate(blocks):
+        parts = re.split(rf"{first + offset}\.\s+(Instruction|Input|Output):", block)
+        if len(parts) != 7:
+            malformed += bool(block.strip())  # an empty tail after the last ### is no block at all
+            continue
+        task_input = parts[4].strip()
+        candidates.append(Candidate(parts[2].strip(), "" if task_input.lower() == "<noinput>" else task_input,
+                                    parts[6].strip()))
+    return ParsedBlocks(candidates, malformed, dropped_truncated)
+
+
+def filter_reason(instruction: str) -> str | None:
+    """Return None to keep the instruction, else the upstream rule that rejects it (see FILTER_REASONS)."""
+    words = instruction.split()
+    if len(words) <= 3:
+        return "too_short"
+    if len(words) > 150:
+        return "too_long"
+    if any(pattern.search(instruction) for pattern in _BLACKLIST_PATTERNS):
+        return "blacklisted_word"
+    if instruction.startswith("Write a program"):
+        return "write_a_program"
+    if instruction[0] in string.punctuation:
+        return "starts_with_punctuation"
+    if not instruction[0].isascii():
+        return "starts_non_ascii"
+    return None
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _read_jsonl_repairing(path: Path) -> list[dict[str, Any]]:
+    """Return the records of a JSONL file written line by line; a torn last line (a kill mid-write) is cut off."""
+    if not path.is_file():
+        return []
+    raw = path.read_bytes()
+    complete, _, torn = raw.rpartition(b"\n")
+    if torn:
+        with path.open("r+b") as handle:
+            handle.truncate(len(complete) + 1 if complete else 0)
+    records = []
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: invalid JSON ({error.msg})") from None
+    return records
+
+
+def _append_lines(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Append records as whole lines in one write, then flush: a kill never leaves half a record behind."""
+    if records:
+        payload = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        with path.open("a", encoding="utf-8") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def read_generated(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Return the kept records of a generation run (generated.jsonl)."""
+    return _read_jsonl_repairing(Path(out_dir) / "generated.jsonl")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class GenerationReport:
+    out_dir: Path
+    kept: int = 0
+    requests: int = 0
+    failed_requests: int = 0
+    counters: Counter = field(default_factory=Counter)  # blocks, malformed, truncated, each filter reason, near_duplicate
+    spent_usd: float = 0.0
+    stopped_reason: str = ""
+
+    def funnel(self) -> dict[str, int]:
+        """Return generated blocks -> parsed -> passed filters -> kept, with the loss at each step."""
+        counts = self.counters
+        parsed = counts["blocks"] - counts["malformed"] - counts["truncated"]
+        filtered = sum(counts[reason] for reason in FILTER_REASONS)
+        return {"generated blocks": counts["blocks"], "parsed": parsed, "passed filters": parsed - filtered,
+                "kept (not near-duplicates)": parsed - filtered - counts["near_duplicate"]}
+
+
+class _Run:
+    """State of one generation run over ``out_dir``, rebuilt from its files on restart."""
+
+    def __init__(self, endpoint: Endpoint, out_dir: Path, seed_tasks: Sequence[Any], template: str | None,
+                 sampling: SamplingSettings, seed: int, ledger: Ledger, threshold: float):
+        self.endpoint, self.out_dir, self.seed_tasks = endpoint, out_dir, list(seed_tasks)
+        self.template, self.sampling, self.seed, self.ledger = template, sampling, seed, ledger
+        kept = read_generated(out_dir)
+        finished = _read_jsonl_repairing(out_dir / "requests.jsonl")
+        self.done = {entry["request"] for entry in finished}
+        self.report = GenerationReport(out_dir, kept=len(kept), requests=len(finished))
+        for entry in finished:
+            self.report.counters.update(entry["counters"])
+        self.pool = RougeLFilter([task.instruction for task in self.seed_tasks], threshold=threshold)
+        for record in kept:
+            self.pool.add(record["instruction"])
+
+    def prompt(self, request: int) -> str | list[dict[str, str]]:
+        # Seeds depend only on (seed, request number): a resumed run asks the same questions.
+        examples = random.Random(f"{self.seed}-{request}").sample(self.seed_tasks, self.sampling.num_prompt_instructions)
+        if self.endpoint.api == "chat":
+            return encode_chat_prompt(examples, self.template)
+        return encode_prompt(examples, self.template)
+
+    def worst_case_prompt_tokens(self, prompt: str | list[dict[str, str]]) -> int:
+        text = prompt if isinstance(prompt, str) else "\n".join(message["content"] for message in prompt)
+        overhead = 0 if isinstance(prompt, str) else 8 * len(prompt)  # chat-format tokens per message
+        return count_tokens(text, self.ledger.price_as or self.endpoint.model) + overhead
+
+    def absorb(self, request: int, completion: Any) -> None:
+        """Parse, filter and de-duplicate one completion; append what is kept, then mark the request done."""
+        parsed = parse_completion(completion.text, self.sampling.num_prompt_instructions,
+                                  truncated=completion.finish_reason == "length")
+        counters = Counter(blocks=len(parsed) + parsed.malformed + parsed.truncated, malformed=parsed.malformed,
+                           truncated=parsed.truncated)
+        kept = []
+        for candidate in parsed:
+            reason = filter_reason(candidate.instruction)
+            if reason is None:
+                similarity = self.pool.most_similar(candidate.instruction)
+                if similarity.max_similarity > self.pool.threshold:
+                    reason = "near_duplicate"
+                else:
+                    self.pool.add(candidate.instruction)
+                    kept.append({**candidate._asdict(), "max_similarity": similarity.max_similarity,
+                                 "most_similar": similarity.most_similar, "request": request,
+                                 "request_id": completion.request_id})
+            if reason:
+                counters[reason] += 1
+        counters["kept"] = len(kept)
+        _append_lines(self.out_dir / "generated.jsonl", kept)
+        _append_lines(self.out_dir / "requests.jsonl", [{"request": request, "request_id": completion.request_id,
+                                                         "finish_reason": completion.finish_reason,
+                                                         "counters": dict(counters)}])
+        self.done.add(request)
+        self.report.kept += len(kept)
+        self.report.requests += 1
+        self.report.counters.update(counters)
+
+
+def generate(
+    endpoint: Endpoint,
+    num_instructions: int,
+    out_dir: str | os.PathLike,
+    budget_usd: float | None = None,
+    concurrency: int = 8,
+    seed: int = 0,
+    *,
+    seed_tasks: Sequence[Any] | None = None,
+    template: str | None = None,
+    sampling: SamplingSettings = SamplingSettings(),
+    threshold: float = 0.7,
+    price_as: str | None = None,
+    max_requests: int | None = None,
+    max_consecutive_failures: int = 5,
+    progress: bool = True,
+) -> GenerationReport:
+    """Generate until ``num_instructions`` records are kept in ``out_dir/generated.jsonl``; returns a report.
+
+    ``max_requests`` also stops the run after that many finished requests (counted across restarts),
+    which bounds the time and money a run can take whatever the keep rate turns out to be.
+    Resumable: run the same call again after any interruption (SIGKILL included) and it continues.
+    Every call attempt lands in ``out_dir/ledger.jsonl``; no request starts whose worst-case cost
+    could push spending over ``budget_usd``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(out / "ledger.jsonl", budget_usd=budget_usd, price_as=price_as)
+    ledger.price_of(endpoint.model)  # an unpriced model fails here, before any request is sent
+    run = _Run(endpoint, out, seed_tasks if seed_tasks is not None else load_seed_tasks(), template, sampling, seed,
+               ledger, threshold)
+    previous_hook = endpoint.on_call
+    endpoint.on_call = lambda call: _record_call(ledger, call, previous_hook)
+    try:
+        limits = _Limits(num_instructions, max_requests, concurrency, max_consecutive_failures)
+        _run_to_completion(_drive(run, limits, progress))
+    finally:
+        endpoint.on_call = previous_hook
+    run.report.spent_usd = ledger.total_usd
+    return run.report
+
+
+def _run_to_completion(coroutine: Any) -> None:
+    """Run ``coroutine`` on a fresh event loop, in a worker thread when one is already running (Jupyter)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(coroutine)
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as worker:
+        worker.submit(asyncio.run, coroutine).result()
+
+
+def _record_call(ledger: Ledger, call: CallRecord, previous_hook: Any) -> None:
+    ledger.record(call, stage="generate")
+    if previous_hook is not None:
+        previous_hook(call)
+
+
+@dataclass(frozen=True)
+class _Limits:
+    target: int
+    max_requests: int | None
+    concurrency: int
+    max_failures: int
+
+    def may_start(self, run: _Run, in_flight: int) -> bool:
+        """Return True while another request may start (target not met, no stop, under every limit)."""
+        under_requests = self.max_requests is None or run.report.requests + in_flight < self.max_requests
+        return (in_flight < self.concurrency and run.report.kept < self.target and under_requests
+                and not run.report.stopped_reason)
+
+
+async def _drive(run: _Run, limits: _Limits, progress: bool) -> None:
+    """Keep up to ``concurrency`` requests in flight until the target, a limit, the budget or failures stop it."""
+    target = limits.target
+    bar = tqdm(total=target, initial=min(run.report.kept, target), desc="kept", disable=not progress)
+    in_flight: set[asyncio.Task] = set()
+    next_request, consecutive_failures = 0, 0
+    try:
+        while run.report.kept < target and not run.report.stopped_reason:
+            while limits.may_start(run, len(in_flight)):
+                while next_request in run.done:
+                    next_request += 1
+                task = _start(run, next_request)
+                if task is None:
+                    break
+                in_flight.add(task)
+                next_request += 1
+            if not in_flight:
+                break
+            finished, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            for task in finished:
+                consecutive_failures = 0 if task.result() else consecutive_failures + 1
+            if consecutive_failures >= limits.max_failures:
+                run.report.stopped_reason = f"stopped: {consecutive_failures} requests in a row failed after retries"
+            bar.n = min(run.report.kept, target)
+            bar.set_postfix(_postfix(run), refresh=True)
+    finally:
+        if in_flight:
+            await asyncio.wait(in_flight)
+        bar.n = min(run.report.kept, target)
+        bar.set_postfix(_postfix(run), refresh=True)
+        bar.close()
+    if not run.report.stopped_reason:
+        reached = run.report.kept >= target
+        run.report.stopped_reason = "done: target reached" if reached else "done: request limit reached"
+
+
+def _start(run: _Run, request: int) -> asyncio.Task | None:
+    """Start one request if the budget allows it; None (with the reason in the report) if not."""
+    prompt = run.prompt(request)
+    prompt_tokens = run.worst_case_prompt_tokens(prompt)
+    try:
+        reservation = run.ledger.reserve(run.endpoint.model, prompt_tokens, run.sampling.max_tokens)
+    except BudgetExceeded as error:
+        run.report.stopped_reason = f"stopped before the budget could be exceeded: {error}"
+        return None
+    return asyncio.get_running_loop().create_task(_request(run, request, prompt, reservation))
+
+
+async def _request(run: _Run, request: int, prompt: Any, reservation: float) -> bool:
+    """Send one request and absorb its completion; returns False if it failed for good."""
+    try:
+        completion = await run.endpoint.acomplete(prompt, seed=run.seed * 1_000_003 + request,
+                                                  **run.sampling.request_args())
+    except AuthenticationError as error:
+        run.report.stopped_reason = f"stopped: {error}"
+        return False
+    except LLMError:
+        run.report.failed_requests += 1
+        return False
+    finally:
+        run.ledger.release(reservation)
+    run.absorb(request, completion)
+    return True
+
+
+def _postfix(run: _Run) -> dict[str, Any]:
+    counters = run.report.counters
+    rejected = {reason: counters[reason] for reason in (*FILTER_REASONS, "near_duplicate", "malformed") if counters[reason]}
+    return {"requests": run.report.requests, "$": f"{run.ledger.total_usd:.4f}", **rejected}
+
+
+@contextlib.contextmanager
+def teacher_endpoint(profile: Any, api: str = "completions") -> Iterator[Endpoint]:
+    """Yield the profile's teacher: the embedded llama.cpp server on a laptop, the named API on a cluster.
+
+    ``api`` applies to the embedded server; remote teachers (gpt-4o-mini and its kind) serve chat only.
+    """
+    if profile.teacher_base_url:
+        yield Endpoint(profile.teacher_base_url, profile.teacher_model, api="chat", timeout=600)
+        return
+    with local_server() as server:
+        yield Endpoint(server.base_url, server.model, api=api, timeout=600)
+
+
+# --------------------------------------------------------------------------- inspection (chapter 2)
+
+
+@dataclass(frozen=True)
+class PromptPrice:
+    prompt: str
+    prompt_tokens: int
+    prompt_usd: float
+    worst_case_usd: float  # prompt plus a full max_tokens completion
+
+
+def price_prompt(seed_examples: Sequence[Any], model: str = "text-davinci-003", max_tokens: int = 3072,
+                 template: str | None = None) -> PromptPrice:
+    """Return the exact completion prompt for these seeds, its token count and its cost at ``model``'s prices."""
+    from alpaca_nb.costs import price
+
+    prompt = encode_prompt(seed_examples, template)
+    tokens = count_tokens(prompt, model)
+    rates = price(model)
+    return PromptPrice(prompt, tokens, rates.cost(tokens, 0), rates.cost(tokens, max_tokens))
+
+
+def max_similarities(texts: Sequence[str], pool: Sequence[str]) -> list[float]:
+    """Return each text's exact ROUGE-L max similarity to ``pool`` (the pool does not grow)."""
+    reference = RougeLFilter(pool)
+    return [reference.max_similarity(text) for text in texts]
+
+
+def plot_funnel(report: GenerationReport):
+    """Return a bar chart of the funnel and the rejections by reason."""
+    import matplotlib.pyplot as plt
+
+    funnel = report.funnel()
+    reasons = {reason: report.counters[reason] for reason in ("malformed", "truncated", *FILTER_REASONS, "near_duplicate")}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 3.6), constrained_layout=True)
+    left.bar(list(funnel), list(funnel.values()), color=["#8da0cb", "#8da0cb", "#66c2a5", "#1b9e77"])
+    left.set_title("generation funnel")
+    left.tick_params(axis="x", labelrotation=15)
+    right.barh(list(reasons)[::-1], list(reasons.values())[::-1], color="#fc8d62")
+    right.set_title("blocks lost, by reason")
+    right.set_xlabel("blocks")
+    return figure
+
+
+def plot_similarity_histograms(similarities: dict[str, Sequence[float]], threshold: float = 0.7):
+    """Return overlaid histograms of max ROUGE-L similarity, with the rejection threshold marked."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 3.6), constrained_layout=True)
+    bins = [step / 20 for step in range(21)]
+    for name, values in similarities.items():
+        if not values:  # nothing to draw; say so in the legend rather than divide by zero
+            axis.plot([], [], " ", label=f"{name} (n=0)")
+            continue
+        axis.hist(values, bins=bins, alpha=0.55, density=True, label=f"{name} (n={len(values)})")
+    axis.axvline(threshold, color="black", linestyle="--", label=f"rejected above {threshold}")
+    axis.set_xlabel("ROUGE-L F against the most similar seed instruction")
+    axis.set_ylabel("density")
+    axis.legend()
+    return figure

@@ -1,0 +1,214 @@
+"""alpaca_nb.llm against the real embedded llama.cpp server, and through a fault-injecting proxy."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import traceback
+
+import pytest
+
+from alpaca_nb.llm import AuthenticationError, CallRecord, Endpoint, LLMError, local_server
+
+FAKE_KEY = "sk-test-SECRET123"
+
+
+def make_endpoint(base_url: str, model: str, records: list[CallRecord], **options) -> Endpoint:
+    """An Endpoint with short waits so that retry tests stay fast; records collects every attempt."""
+    settings = {"timeout": 20.0, "max_retries": 3, "backoff_base": 0.05, "backoff_max": 0.2, **options}
+    return Endpoint(base_url, model, on_call=records.append, **settings)
+
+
+def outcomes(records: list[CallRecord]) -> list[str]:
+    return [record.outcome for record in records]
+
+
+# -- real calls ----------------------------------------------------------------------------------
+
+
+def test_chat_call_returns_text_usage_and_one_ok_record(llama_server):
+    records: list[CallRecord] = []
+    endpoint = make_endpoint(llama_server.base_url, llama_server.model, records)
+    result = endpoint.complete("What is the capital of France? Answer in one word.", max_tokens=12, temperature=0)
+    # The GGUF's ChatML template is applied: a coherent answer, not a continuation of raw text.
+    assert "paris" in result.text.lower()
+    assert result.prompt_tokens > 0 and result.completion_tokens > 0
+    assert result.finish_reason in ("stop", "length")
+    assert (result.attempts, result.model) == (1, llama_server.model)
+    [record] = records
+    assert (record.outcome, record.status, record.error, record.attempt) == ("ok", 200, "", 1)
+    assert (record.prompt_tokens, record.completion_tokens) == (result.prompt_tokens, result.completion_tokens)
+    assert record.request_id == result.request_id and record.request_id
+
+
+def test_completions_call_returns_text_usage_and_one_ok_record(llama_server):
+    records: list[CallRecord] = []
+    endpoint = make_endpoint(llama_server.base_url, llama_server.model, records, api="completions")
+    result = endpoint.complete("The three primary colours are", max_tokens=8, temperature=0)
+    assert result.text.strip()
+    assert result.prompt_tokens > 0 and result.completion_tokens > 0
+    assert result.finish_reason in ("stop", "length")
+    assert outcomes(records) == ["ok"] and records[0].api == "completions"
+
+
+def test_a_message_list_is_sent_as_is_to_the_chat_api(llama_server):
+    endpoint = make_endpoint(llama_server.base_url, llama_server.model, [])
+    messages = [{"role": "system", "content": "You answer in one word."},
+                {"role": "user", "content": "What colour is the sky on a clear day?"}]
+    assert "blue" in endpoint.complete(messages, max_tokens=20, temperature=0).text.lower()
+
+
+def test_max_tokens_cuts_the_completion_with_finish_reason_length(llama_server):
+    endpoint = make_endpoint(llama_server.base_url, llama_server.model, [])
+    result = endpoint.complete("Write a long story about a dragon.", max_tokens=5, temperature=0)
+    assert result.finish_reason == "length"
+    assert result.completion_tokens == 5
+
+
+def test_a_stop_sequence_ends_the_completion(llama_server):
+    endpoint = make_endpoint(llama_server.base_url, llama_server.model, [], api="completions")
+    result = endpoint.complete("1, 2, 3, 4, 5, 6,", max_tokens=30, temperature=0, stop=["9"])
+    assert result.finish_reason == "stop"
+    assert "9" not in result.text and "7" in result.text
+
+
+def test_prompt_shapes_are_checked_before_any_request():
+    endpoint = Endpoint("http://127.0.0.1:9/v1", "m", api="completions")
+    with pytest.raises(ValueError, match="api='chat'"):
+        endpoint.complete([{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match="streaming"):
+        endpoint.complete("hi", stream=True)
+
+
+# -- retries through the fault proxy -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fault", "status", "error", "timeout"), [
+    ("500", 500, "500 Internal Server Error", 20.0),
+    ("truncate", 200, "invalid response body", 20.0),
+    ("garbage", 200, "invalid response body", 20.0),
+    ("stall", None, "timeout", 3.0),  # short, as the stalled attempt waits for it; the retry takes < 1 s
+])
+def test_a_transient_fault_is_retried_then_succeeds(fault_proxy, llama_server, fault, status, error, timeout):
+    """Faults are injected by FaultProxy in front of the real server; the retry reaches the server."""
+    proxy = fault_proxy([fault])
+    records: list[CallRecord] = []
+    endpoint = make_endpoint(proxy.base_url, llama_server.model, records, timeout=timeout)
+    result = endpoint.complete("Say hello.", max_tokens=4)
+    assert result.text and result.attempts == 2
+    assert outcomes(records) == ["retry", "ok"]
+    assert (records[0].status, records[0].error, records[0].attempt) == (status, error, 1)
+    # One record per HTTP request: the openai client made no retries of its own.
+    assert proxy.requests_seen == len(records) and proxy.faults_injected == [fault]
+
+
+def test_429_waits_the_retry_after_seconds(fault_proxy, llama_server):
+    """FaultProxy injects a 429 with Retry-After: 1 in front of the real server."""
+    proxy = fault_proxy(["429"])
+    records: list[CallRecord] = []
+    result = make_endpoint(proxy.base_url, llama_server.model, records).complete("Say hello.", max_tokens=4)
+    assert result.latency_s >= 1.0  # the backoff alone would be at most 0.05 s
+    assert outcomes(records) == ["retry", "ok"]
+    assert (records[0].status, records[0].error) == (429, "429 Too Many Requests")
+
+
+def test_429_with_retry_after_zero_does_not_fall_back_to_backoff(fault_proxy, llama_server):
+    """FaultProxy injects a 429 with Retry-After: 0; a long backoff shows whether the header won."""
+    proxy = fault_proxy(["429:0"])
+    records: list[CallRecord] = []
+    endpoint = make_endpoint(proxy.base_url, llama_server.model, records, backoff_base=30.0, backoff_max=30.0)
+    result = endpoint.complete("Say hello.", max_tokens=4)
+    assert result.latency_s < 5.0 and outcomes(records) == ["retry", "ok"]
+
+
+def test_exhausting_retries_raises_naming_the_last_error(fault_proxy, llama_server):
+    """FaultProxy injects three faults; max_retries=2 allows exactly three attempts."""
+    proxy = fault_proxy(["500", "429:0", "garbage"])
+    records: list[CallRecord] = []
+    endpoint = make_endpoint(proxy.base_url, llama_server.model, records, max_retries=2)
+    with pytest.raises(LLMError, match="after 3 attempts; last error: invalid response body"):
+        endpoint.complete("Say hello.", max_tokens=4)
+    assert outcomes(records) == ["retry", "retry", "error"]
+    assert [record.attempt for record in records] == [1, 2, 3]
+    assert proxy.requests_seen == 3
+
+
+def test_401_fails_at_once_without_revealing_the_key(fault_proxy, llama_server, monkeypatch):
+    """FaultProxy answers 401 and, like a careless server, echoes the bearer key in its message."""
+    monkeypatch.setenv("OPENAI_API_KEY", FAKE_KEY)
+    proxy = fault_proxy(["401"])
+    records: list[CallRecord] = []
+    endpoint = make_endpoint(proxy.base_url, llama_server.model, records)
+    with pytest.raises(AuthenticationError, match=r"\$OPENAI_API_KEY is missing or wrong") as caught:
+        endpoint.complete("Say hello.", max_tokens=4)
+    [record] = records
+    assert (record.outcome, record.status, record.attempt) == ("error", 401, 1)
+    assert proxy.requests_seen == 1
+    shown = [str(caught.value), "".join(traceback.format_exception(caught.value)), repr(record), repr(endpoint)]
+    assert not any(FAKE_KEY in text for text in shown)
+
+
+def test_404_is_not_retried(llama_server):
+    records: list[CallRecord] = []
+    wrong_path = llama_server.base_url.removesuffix("/v1")  # POST /chat/completions does not exist
+    endpoint = make_endpoint(wrong_path, llama_server.model, records)
+    with pytest.raises(LLMError, match="HTTP 404 Not Found") as caught:
+        endpoint.complete("Say hello.", max_tokens=4)
+    assert not isinstance(caught.value, AuthenticationError)
+    assert outcomes(records) == ["error"] and records[0].status == 404
+
+
+# -- async ---------------------------------------------------------------------------------------
+
+
+def test_concurrent_async_calls_all_complete(llama_server):
+    records: list[CallRecord] = []
+    endpoint = make_endpoint(llama_server.base_url, llama_server.model, records)
+    prompts = [f"Name a fruit that starts with the letter {letter}." for letter in "ABCD"]
+
+    async def run_all():
+        return await asyncio.gather(*(endpoint.acomplete(prompt, max_tokens=6) for prompt in prompts))
+
+    results = asyncio.run(run_all())
+    assert all(result.text and result.completion_tokens > 0 for result in results)
+    assert outcomes(records) == ["ok"] * len(prompts)
+    assert len({result.request_id for result in results}) == len(prompts)
+
+
+def test_async_calls_retry_like_sync_ones(fault_proxy, llama_server):
+    """FaultProxy injects a 500 and a garbage body among three concurrent async calls."""
+    proxy = fault_proxy(["500", "garbage"])
+    records: list[CallRecord] = []
+    endpoint = make_endpoint(proxy.base_url, llama_server.model, records)
+
+    async def run_all():
+        return await asyncio.gather(*(endpoint.acomplete("Say hello.", max_tokens=4) for _ in range(3)))
+
+    results = asyncio.run(run_all())
+    assert sum(result.attempts for result in results) == 5
+    assert sorted(outcomes(records)) == ["ok"] * 3 + ["retry"] * 2
+
+
+# -- the local server's life cycle ---------------------------------------------------------------
+
+
+def test_local_server_stops_its_process_on_exit(llama_server):
+    with local_server() as server:
+        assert server.model == "smollm2-135m-instruct" and server.base_url.endswith("/v1")
+        os.kill(server.pid, 0)  # running
+    with pytest.raises(ProcessLookupError):
+        os.kill(server.pid, 0)
+
+
+def test_local_server_rejects_a_missing_model_file(tmp_path):
+    with pytest.raises(LLMError, match="no such GGUF model file"):
+        with local_server(tmp_path / "absent.gguf"):
+            pass
+
+
+def test_local_server_reports_the_log_when_the_server_dies(tmp_path):
+    not_a_model = tmp_path / "junk.gguf"
+    not_a_model.write_bytes(b"this is not a GGUF file")
+    with pytest.raises(LLMError, match="exited with code .* last lines of its log"):
+        with local_server(not_a_model, startup_timeout=60):
+            pass

@@ -1,0 +1,160 @@
+"""alpaca_nb.selfinstruct: prompt layout, parsing and filters on hand-written cases and the real prompt."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alpaca_nb.data import SeedTask, load_prompt_template, load_seed_tasks
+from alpaca_nb.selfinstruct import (
+    BLACKLIST,
+    SamplingSettings,
+    encode_chat_prompt,
+    encode_prompt,
+    filter_reason,
+    parse_completion,
+)
+
+
+def seed(instruction: str, task_input: str = "", output: str = "out") -> SeedTask:
+    return SeedTask("s", "n", instruction, task_input, output, False)
+
+
+def test_encode_prompt_matches_the_upstream_layout():
+    prompt = encode_prompt([seed("Say  hi\nnow:"), seed("Add.", "1 + 1", "2")], template="HEADER")
+    assert prompt == (
+        "HEADER\n###\n"
+        "1. Instruction: Say hi now\n1. Input:\n<noinput>\n1. Output:\nout\n###\n"
+        "2. Instruction: Add.\n2. Input:\n1 + 1\n2. Output:\n2\n###\n"
+        "3. Instruction:"
+    )
+
+
+def test_encode_prompt_uses_upstream_prompt_txt_by_default():
+    seeds = load_seed_tasks()[:3]
+    prompt = encode_prompt(seeds)
+    assert prompt.startswith(load_prompt_template() + "\n###\n1. Instruction: ")
+    assert prompt.endswith("###\n4. Instruction:")
+    assert prompt.count("###") == 4
+
+
+def test_chat_variant_carries_the_same_prompt():
+    seeds = load_seed_tasks()[:3]
+    messages = encode_chat_prompt(seeds)
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[1]["content"] == encode_prompt(seeds)
+
+
+def test_sampling_defaults_are_upstreams():
+    settings_ = SamplingSettings()
+    assert (settings_.num_prompt_instructions, settings_.temperature, settings_.top_p, settings_.max_tokens) == (3, 1.0, 1.0, 3072)
+    assert settings_.stop == ("\n20", "20.")
+
+
+COMPLETION = (
+    " Summarize the article in two sentences.\n4. Input:\nThe cat sat on the mat all day long.\n4. Output:\nA cat sat.\n###\n"
+    "5. Instruction: List three fruits that are red.\n5. Input:\n<noinput>\n5. Output:\nApple, cherry, strawberry.\n###\n"
+    "6. Instruction: A block without the other fields\n###\n"
+    "7. Instruction: Translate to French.\n7. Input:\nHello\n7. Output:\nBonj"
+)
+
+
+def test_parse_splits_blocks_and_maps_noinput_to_empty():
+    parsed = parse_completion(COMPLETION)
+    assert [c.instruction for c in parsed] == ["Summarize the article in two sentences.", "List three fruits that are red.",
+                                               "Translate to French."]
+    assert parsed[1].input == "" and parsed[0].input == "The cat sat on the mat all day long."
+    assert parsed.malformed == 1 and parsed.truncated == 0
+
+
+def test_parse_drops_truncated_last_block():
+    parsed = parse_completion(COMPLETION, truncated=True)
+    assert [c.instruction for c in parsed][-1] == "List three fruits that are red."
+    assert parsed.truncated == 1
+
+
+def test_parse_tolerates_a_repeated_header_from_chat_models():
+    parsed = parse_completion("4. Instruction: Name a color.\n4. Input:\n<noinput>\n4. Output:\nRed")
+    assert parsed == [("Name a color.", "", "Red")]
+
+
+def test_parse_requires_consecutive_numbering():
+    parsed = parse_completion(" A.\n4. Input:\nx\n4. Output:\ny\n###\n9. Instruction: B.\n9. Input:\nx\n9. Output:\ny")
+    assert len(parsed) == 1 and parsed.malformed == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=400), st.integers(0, 25), st.booleans())
+def test_parse_never_raises(text, num_prompt, truncated):
+    parsed = parse_completion(text, num_prompt, truncated)
+    assert parsed.malformed >= 0 and all(len(candidate) == 3 for candidate in parsed)
+
+
+@pytest.mark.parametrize(
+    ("instruction", "reason"),
+    [
+        ("Too short now", "too_short"),
+        ("", "too_short"),
+        ("word " * 151, "too_long"),
+        ("Draw a picture of a cat please.", "blacklisted_word"),
+        ("Please go to the store for milk.", "blacklisted_word"),
+        ("Summarize the FILES in this folder.", "blacklisted_word"),
+        ("Write a program that sums two numbers.", "write_a_program"),
+        ("\"Quote\" this sentence for me now.", "starts_with_punctuation"),
+        ("Éditez ce texte pour moi maintenant.", "starts_non_ascii"),
+        ("Explain the mapping between these two sets.", None),  # 'map' only as a whole word
+        ("Write a poem about the autumn sea.", None),
+        ("word " * 150, None),
+    ],
+)
+def test_filter_reason_follows_upstream_rules(instruction, reason):
+    assert filter_reason(instruction) == reason
+
+
+def test_blacklist_is_upstreams():
+    assert len(BLACKLIST) == 18 and "go to" in BLACKLIST and "flowchart" in BLACKLIST
+
+
+def test_price_prompt_counts_p50k_tokens_and_prices_at_davinci_rates():
+    import tiktoken
+
+    from alpaca_nb.selfinstruct import price_prompt
+
+    seeds = load_seed_tasks()[:3]
+    priced = price_prompt(seeds)
+    assert priced.prompt == encode_prompt(seeds)
+    assert priced.prompt_tokens == len(tiktoken.get_encoding("p50k_base").encode(priced.prompt))
+    assert priced.prompt_usd == pytest.approx(priced.prompt_tokens * 0.02 / 1000)
+    assert priced.worst_case_usd == pytest.approx((priced.prompt_tokens + 3072) * 0.02 / 1000)
+
+
+def test_max_similarities_against_the_seeds():
+    from alpaca_nb.selfinstruct import max_similarities
+
+    seeds = [task.instruction for task in load_seed_tasks()]
+    assert max_similarities([seeds[0], "zzz qqq"], seeds) == [1.0, 0.0]
+
+
+def test_plots_draw_the_funnel_and_histograms():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from collections import Counter
+    from pathlib import Path
+
+    from alpaca_nb.selfinstruct import GenerationReport, plot_funnel, plot_similarity_histograms
+
+    report = GenerationReport(Path("."), kept=2, counters=Counter(blocks=10, malformed=5, too_short=2, near_duplicate=1))
+    assert report.funnel() == {"generated blocks": 10, "parsed": 5, "passed filters": 3, "kept (not near-duplicates)": 2}
+    assert len(plot_funnel(report).axes) == 2
+    figure = plot_similarity_histograms({"ours": [], "theirs": [0.1, 0.5]})
+    assert [text.get_text() for text in figure.axes[0].get_legend().get_texts()][:2] == ["ours (n=0)", "theirs (n=2)"]
+
+
+def test_cluster_teacher_is_the_named_remote_chat_endpoint():
+    from alpaca_nb.profiles import load_profile
+    from alpaca_nb.selfinstruct import teacher_endpoint
+
+    with teacher_endpoint(load_profile("cluster")) as teacher:
+        assert (teacher.base_url, teacher.model, teacher.api) == ("https://api.openai.com/v1", "gpt-4o-mini", "chat")
