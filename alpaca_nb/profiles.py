@@ -37,6 +37,7 @@ class Profile:
     generate_max_tokens: int
     generate_concurrency: int
     generate_budget_usd: float
+    ledger_requests: int
     smoke: bool = False
 
     def as_rows(self) -> list[tuple[str, str]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
 import os
 import random
 import re
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from alpaca_nb.costs import BudgetExceeded, Ledger, count_tokens
 from alpaca_nb.data import load_prompt_template, load_seed_tasks
+from alpaca_nb.jsonl import append_records, read_records
 from alpaca_nb.llm import AuthenticationError, CallRecord, Endpoint, LLMError, local_server
 from alpaca_nb.rouge import RougeLFilter
 
@@ -38,6 +38,7 @@ __all__ = [
     "RougeLFilter",
     "SamplingSettings",
     "encode_chat_prompt",
+    "encode_completion",
     "encode_prompt",
     "filter_reason",
     "generate",
@@ -47,6 +48,7 @@ __all__ = [
     "plot_similarity_histograms",
     "price_prompt",
     "read_generated",
+    "request_tokens",
     "teacher_endpoint",
 ]
 
@@ -99,15 +101,23 @@ def _normalise_instruction(instruction: str) -> str:
 def encode_prompt(seed_examples: Sequence[Any], template: str | None = None) -> str:
     """Return the completion prompt: prompt.txt, numbered seed blocks separated by ###, then 'N. Instruction:'."""
     prompt = (load_prompt_template() if template is None else template) + "\n"
-    for number, example in enumerate(seed_examples, start=1):
-        task_input = example.input if example.input.strip() else "<noinput>"
-        prompt += "###\n"
-        prompt += f"{number}. Instruction: {_normalise_instruction(example.instruction)}\n"
-        prompt += f"{number}. Input:\n{task_input}\n"
-        prompt += f"{number}. Output:\n{example.output}\n"
+    prompt += "".join("###\n" + _encode_block(number, example) for number, example in enumerate(seed_examples, start=1))
     prompt += "###\n"
     prompt += f"{len(seed_examples) + 1}. Instruction:"
     return prompt
+
+
+def _encode_block(number: int, example: Any) -> str:
+    task_input = example.input if example.input.strip() else "<noinput>"
+    return (f"{number}. Instruction: {_normalise_instruction(example.instruction)}\n"
+            f"{number}. Input:\n{task_input}\n"
+            f"{number}. Output:\n{example.output}\n")
+
+
+def encode_completion(examples: Sequence[Any], first_number: int = 4) -> str:
+    """Return the completion a teacher would write for ``examples``: the text after 'N. Instruction:'."""
+    text = "###\n".join(_encode_block(number, example) for number, example in enumerate(examples, start=first_number))
+    return text.removeprefix(f"{first_number}. Instruction:")
 
 
 def encode_chat_prompt(seed_examples: Sequence[Any], template: str | None = None) -> list[dict[str, str]]:
@@ -165,38 +175,9 @@ def filter_reason(instruction: str) -> str | None:
 # --------------------------------------------------------------------------- files
 
 
-def _read_jsonl_repairing(path: Path) -> list[dict[str, Any]]:
-    """Return the records of a JSONL file written line by line; a torn last line (a kill mid-write) is cut off."""
-    if not path.is_file():
-        return []
-    raw = path.read_bytes()
-    complete, _, torn = raw.rpartition(b"\n")
-    if torn:
-        with path.open("r+b") as handle:
-            handle.truncate(len(complete) + 1 if complete else 0)
-    records = []
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: invalid JSON ({error.msg})") from None
-    return records
-
-
-def _append_lines(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Append records as whole lines in one write, then flush: a kill never leaves half a record behind."""
-    if records:
-        payload = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        with path.open("a", encoding="utf-8") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-
 def read_generated(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Return the kept records of a generation run (generated.jsonl)."""
-    return _read_jsonl_repairing(Path(out_dir) / "generated.jsonl")
+    return [record for _, record in read_records(Path(out_dir) / "generated.jsonl")]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -229,7 +210,7 @@ class _Run:
         self.endpoint, self.out_dir, self.seed_tasks = endpoint, out_dir, list(seed_tasks)
         self.template, self.sampling, self.seed, self.ledger = template, sampling, seed, ledger
         kept = read_generated(out_dir)
-        finished = _read_jsonl_repairing(out_dir / "requests.jsonl")
+        finished = [record for _, record in read_records(out_dir / "requests.jsonl")]
         self.done = {entry["request"] for entry in finished}
         self.report = GenerationReport(out_dir, kept=len(kept), requests=len(finished))
         for entry in finished:
@@ -271,8 +252,8 @@ class _Run:
             if reason:
                 counters[reason] += 1
         counters["kept"] = len(kept)
-        _append_lines(self.out_dir / "generated.jsonl", kept)
-        _append_lines(self.out_dir / "requests.jsonl", [{"request": request, "request_id": completion.request_id,
+        append_records(self.out_dir / "generated.jsonl", kept)
+        append_records(self.out_dir / "requests.jsonl", [{"request": request, "request_id": completion.request_id,
                                                          "finish_reason": completion.finish_reason,
                                                          "counters": dict(counters)}])
         self.done.add(request)
@@ -458,6 +439,28 @@ def price_prompt(seed_examples: Sequence[Any], model: str = "text-davinci-003", 
     tokens = count_tokens(prompt, model)
     rates = price(model)
     return PromptPrice(prompt, tokens, rates.cost(tokens, 0), rates.cost(tokens, max_tokens))
+
+
+@dataclass(frozen=True)
+class RequestTokens:
+    prompt_tokens: float      # mean over sampled seed triples
+    completion_tokens: float  # mean of a full completion of ``tasks_per_completion`` real tasks
+    tasks_per_completion: int
+
+
+def request_tokens(seed_tasks: Sequence[Any], written_tasks: Sequence[Any], model: str = "text-davinci-003",
+                   samples: int = 50, seed: int = 0, tasks_per_completion: int = 16) -> RequestTokens:
+    """Return the mean prompt and completion tokens of one upstream request, measured on real texts.
+
+    Prompts sample three seeds as the generator does; completions are ``tasks_per_completion``
+    real generated tasks in the upstream block format: tasks 4 to 19, since the stop sequence
+    "\\n20" ends the list of 20 before its last task.
+    """
+    rng = random.Random(seed)
+    prompts = [count_tokens(encode_prompt(rng.sample(list(seed_tasks), 3)), model) for _ in range(samples)]
+    completions = [count_tokens(encode_completion(rng.sample(list(written_tasks), tasks_per_completion)), model)
+                   for _ in range(samples)]
+    return RequestTokens(sum(prompts) / samples, sum(completions) / samples, tasks_per_completion)
 
 
 def max_similarities(texts: Sequence[str], pool: Sequence[str]) -> list[float]:

@@ -13,7 +13,7 @@ import ipywidgets as widgets
 
 from alpaca_nb.seeds import filter_tasks, records_frame, shorten
 
-__all__ = ["prompt_price_widget", "seed_browser_widget"]
+__all__ = ["prompt_price_widget", "recipe_cost_widget", "seed_browser_widget"]
 
 _CHOICES = {"any": None, "yes": True, "no": False}
 
@@ -66,3 +66,37 @@ def prompt_price_widget(tasks: Sequence[object], chosen: Sequence[int] = (0, 1, 
     refresh()
     return widgets.VBox([widgets.HTML("<b>Build a generation prompt</b> (pick seeds with Ctrl/Cmd-click)"),
                          picker, summary, prompt_view])
+
+
+def recipe_cost_widget(**fixed: object) -> widgets.VBox:
+    """Return sliders (keep rate, price, GPU, MFU, epochs) over costs.recipe_cost; ``fixed`` holds the measured inputs
+    (prompt_tokens, completion_tokens, tasks_per_completion, n_instructions, tokens_per_epoch, context)."""
+    from alpaca_nb.costs import known_models, recipe_cost
+
+    style = {"description_width": "120px"}
+    controls = {
+        "keep_rate": widgets.FloatSlider(value=0.5, min=0.05, max=1.0, step=0.05, description="keep rate", style=style),
+        "model": widgets.Dropdown(options=[m for m in known_models() if m != "smollm2-135m-instruct"],
+                                  value="text-davinci-003", description="teacher prices", style=style),
+        "batch": widgets.Checkbox(value=False, description="batch API discount"),
+        "gpu_name": widgets.Dropdown(options=["A100-80GB", "H100-80GB", "RTX-4090"], value="A100-80GB",
+                                     description="GPU", style=style),
+        "n_gpus": widgets.IntSlider(value=8, min=1, max=16, description="GPUs", style=style),
+        "mfu": widgets.FloatSlider(value=0.4, min=0.05, max=1.0, step=0.05, description="MFU", style=style),
+        "epochs": widgets.IntSlider(value=3, min=1, max=5, description="epochs", style=style),
+    }
+    totals = widgets.HTML()
+
+    def refresh(_change: object = None) -> None:
+        cost = recipe_cost(**{name: control.value for name, control in controls.items()}, **fixed)
+        totals.value = (
+            f"<p>generation: <b>{cost.generation.requests:,.0f}</b> requests, <b>${cost.generation.cost_usd:,.2f}</b><br>"
+            f"fine-tuning: {cost.flops.total:.3g} FLOPs, <b>{cost.finetune.wall_hours:,.2f} h</b> on "
+            f"{cost.finetune.n_gpus}&times;{cost.finetune.gpu} ({cost.finetune.gpu_hours:,.1f} GPU-hours), "
+            f"<b>${cost.finetune.cost_usd:,.2f}</b><br>whole recipe: <b>${cost.total_usd:,.2f}</b></p>")
+
+    for control in controls.values():
+        control.observe(refresh, names="value")
+    refresh()
+    return widgets.VBox([widgets.HTML("<b>Price the recipe</b> (measured token counts, dated prices)"),
+                         *controls.values(), totals])

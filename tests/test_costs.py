@@ -109,3 +109,95 @@ def test_ledger_entry_fields_are_the_documented_format():
     assert list(LedgerEntry.__dataclass_fields__) == [
         "time", "stage", "model", "api", "outcome", "status", "error", "prompt_tokens", "completion_tokens",
         "cost_usd", "latency_s", "request_id", "attempt"]
+
+
+# ----------------------------------------------------------------------------- training cost model
+
+
+def test_gpu_table_rows_are_dated_sourced_and_known_gpus_listed():
+    from alpaca_nb.costs import gpu
+
+    for name in ("A100-80GB", "H100-80GB", "RTX-4090"):
+        row = gpu(name)
+        assert row.usd_per_hour > 0 and row.peak_bf16_tflops > 0 and row.as_of[:4].isdigit() and row.source
+    assert gpu("A100-80GB").peak_bf16_tflops == 312.0
+    with pytest.raises(PriceError, match="no price known for GPU 'V100'; known GPUs: A100-80GB, H100-80GB, RTX-4090"):
+        gpu("V100")
+
+
+def test_finetune_flops_is_six_n_d_plus_the_attention_term():
+    from alpaca_nb.costs import finetune_flops, lora_flops
+
+    estimate = finetune_flops(7e9, 1e6, epochs=3, n_layers=32, d_model=4096, context=200)
+    assert estimate.dense == pytest.approx(6 * 7e9 * 3e6)
+    assert estimate.attention == pytest.approx(6 * 32 * 200 * 4096 * 3e6)
+    assert estimate.total == pytest.approx(1.26e17 + 4.718592e14)
+    assert finetune_flops(1e9, 1e3).attention == 0.0
+    assert lora_flops(estimate).dense == pytest.approx(4 * 7e9 * 3e6)
+
+
+def test_training_time_and_implied_mfu_are_inverses():
+    from alpaca_nb.costs import implied_mfu, training_time
+
+    # 8 A100s at 312 TFLOP/s and 50 % MFU do 8 * 312e12 * 0.5 * 3600 = 4.4928e18 FLOPs an hour.
+    estimate = training_time(4.4928e18, "A100-80GB", n_gpus=8, mfu=0.5)
+    assert estimate.wall_hours == pytest.approx(1.0) and estimate.gpu_hours == pytest.approx(8.0)
+    assert estimate.cost_usd == pytest.approx(8 * 2.45)
+    assert implied_mfu(4.4928e18, "A100-80GB", 8, 1.0) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="mfu=0"):
+        training_time(1.0, "A100-80GB", mfu=0)
+
+
+def test_sft_token_counts_pad_each_micro_batch_to_its_longest():
+    from alpaca_nb.costs import sft_token_counts
+    from alpaca_nb.data import AlpacaRecord
+
+    class WordTokenizer:  # one token per word, plus EOS as a word: easy to count by hand
+        eos_token = " </s>"
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": text.split()}
+
+    records = [AlpacaRecord("a", "", "b"), AlpacaRecord("a b c", "", "d e f g h i j k l m n o p")]
+    counts = sft_token_counts(records, WordTokenizer(), max_length=30, micro_batch=2)
+    short = len(("Below is an instruction that describes a task. Write a response that appropriately completes the "
+                 "request. ### Instruction: a ### Response:b </s>").split())  # no space after "Response:", as upstream
+    long = short + 2 + 11
+    assert (counts.examples, counts.tokens, counts.padded_tokens, counts.truncated) == (2, short + min(long, 30), 2 * 30, 1)
+    assert 0 < counts.padding_waste < 1
+
+
+def test_matmul_rate_is_measured_and_positive():
+    from alpaca_nb.costs import measure_matmul_tflops
+
+    assert 0 < measure_matmul_tflops(size=128, repeats=3) < 100
+
+
+def test_generation_cost_scales_inversely_with_keep_rate():
+    from alpaca_nb.costs import generation_cost, generation_cost_table
+
+    full = generation_cost(52002, 1.0, 800, 1600, 16, "text-davinci-003")
+    assert full.requests == pytest.approx(52002 / 16)
+    assert full.cost_usd == pytest.approx(52002 / 16 * 2400 * 0.02 / 1000)
+    assert generation_cost(52002, 0.5, 800, 1600, 16, "text-davinci-003").cost_usd == pytest.approx(2 * full.cost_usd)
+    table = generation_cost_table(52002, [0.5, 1.0], 800, 1600, 16, [("gpt-4o-mini", True)])
+    assert list(table.columns) == ["keep 50%", "keep 100%"] and "batch API" in table.index[0]
+    with pytest.raises(ValueError, match="keep_rate=0"):
+        generation_cost(1, 0, 1, 1, 16, "gpt-4o-mini")
+
+
+def test_repriced_ledger_uses_the_other_models_rates(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl", price_as="smollm2-135m-instruct")
+    ledger.record(call(model="smollm2-135m-instruct", prompt=1000, completion=1000), stage="generate")
+    assert ledger.total_usd == 0.0 and ledger.repriced_usd("text-davinci-003") == pytest.approx(0.04)
+
+
+def test_recipe_cost_adds_generation_and_finetuning():
+    from alpaca_nb.costs import LLAMA_7B, recipe_cost
+
+    cost = recipe_cost(keep_rate=1.0, model="text-davinci-003", batch=False, gpu_name="A100-80GB", n_gpus=8, mfu=0.5,
+                       epochs=1, prompt_tokens=800, completion_tokens=1600, tasks_per_completion=16,
+                       n_instructions=16, tokens_per_epoch=4.4928e18 / (6 * LLAMA_7B.n_params), context=0.0)
+    assert cost.generation.cost_usd == pytest.approx(0.048)
+    assert cost.finetune.wall_hours == pytest.approx(1.0)
+    assert cost.total_usd == pytest.approx(0.048 + 8 * 2.45)

@@ -158,3 +158,20 @@ def test_cluster_teacher_is_the_named_remote_chat_endpoint():
 
     with teacher_endpoint(load_profile("cluster")) as teacher:
         assert (teacher.base_url, teacher.model, teacher.api) == ("https://api.openai.com/v1", "gpt-4o-mini", "chat")
+
+
+def test_encode_completion_continues_after_the_prompts_last_header():
+    from alpaca_nb.selfinstruct import encode_completion
+
+    text = encode_completion([seed("Add.", "1 + 1", "2"), seed("Name a color.")])
+    assert text == " Add.\n4. Input:\n1 + 1\n4. Output:\n2\n###\n5. Instruction: Name a color.\n5. Input:\n<noinput>\n5. Output:\nout\n"
+    assert parse_completion(text) == [("Add.", "1 + 1", "2"), ("Name a color.", "", "out")]
+
+
+def test_request_tokens_are_means_over_real_texts():
+    from alpaca_nb.data import load_alpaca_data
+    from alpaca_nb.selfinstruct import request_tokens
+
+    tokens = request_tokens(load_seed_tasks(), load_alpaca_data(asset="alpaca_sample"), samples=5)
+    assert tokens.tasks_per_completion == 16
+    assert 500 < tokens.prompt_tokens < 1500 and 500 < tokens.completion_tokens < 4000

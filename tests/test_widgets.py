@@ -48,3 +48,14 @@ def test_prompt_price_widget_shows_prompt_tokens_and_price():
     assert f"${expected.prompt_usd:.4f}" in summary.value and prompt_view.value.removesuffix("</pre>").endswith("4. Instruction:")
     picker.value = (5,)
     assert "<b>1</b> seeds" in summary.value and "2. Instruction:" in prompt_view.value
+
+
+def test_recipe_cost_widget_updates_its_totals():
+    from alpaca_nb.widgets import recipe_cost_widget
+
+    widget = recipe_cost_widget(prompt_tokens=800, completion_tokens=1600, tasks_per_completion=16, n_instructions=52002,
+                                tokens_per_epoch=1e7, context=200)
+    keep_rate, *_, totals = widget.children[1:]
+    assert "6,500</b> requests" in totals.value  # 52002 / (16 * 0.5)
+    keep_rate.value = 1.0
+    assert "3,250</b> requests" in totals.value

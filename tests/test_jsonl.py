@@ -1,0 +1,35 @@
+"""alpaca_nb.jsonl: kill-safe append-only files."""
+
+from __future__ import annotations
+
+import pytest
+
+from alpaca_nb.jsonl import append_records, read_records
+
+
+def test_records_round_trip_with_line_numbers(tmp_path):
+    path = tmp_path / "sub" / "a.jsonl"
+    append_records(path, [{"a": 1}, {"b": "é"}])
+    append_records(path, [])
+    assert read_records(path) == [(1, {"a": 1}), (2, {"b": "é"})]
+
+
+def test_a_torn_last_line_is_cut_off_and_appends_continue_cleanly(tmp_path):
+    path = tmp_path / "a.jsonl"
+    append_records(path, [{"a": 1}])
+    with path.open("a") as handle:
+        handle.write('{"b": 2')
+    assert read_records(path) == [(1, {"a": 1})]
+    append_records(path, [{"c": 3}])
+    assert read_records(path) == [(1, {"a": 1}), (2, {"c": 3})]
+
+
+def test_a_corrupt_complete_line_names_file_and_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"a": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"a\.jsonl, line 2: invalid JSON"):
+        read_records(path)
+
+
+def test_a_missing_file_has_no_records(tmp_path):
+    assert read_records(tmp_path / "none.jsonl") == []
