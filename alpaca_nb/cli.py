@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--price-as", default=None, help="price calls as this model (for self-hosted models)")
     gen.add_argument("--max-requests", type=int, default=None, help="stop after this many finished requests")
     gen.set_defaults(run=_generate)
+    # Listed for --help only: main() hands `alpaca-nb train ...` to alpaca_nb.train's own parser.
+    commands.add_parser("train", help="fine-tune on Alpaca data (options: alpaca-nb train --help)", add_help=False)
     return parser
 
 
@@ -123,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     from alpaca_nb.costs import PriceError
     from alpaca_nb.llm import LLMError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        # Handed over whole: argparse's REMAINDER would not pass a leading option such as --help through.
+        from alpaca_nb.train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from alpaca_nb.llm import CallRecord
 
 __all__ = [
-    "GPU", "LLAMA_7B", "ModelShape", "RecipeCost", "recipe_cost", "BudgetExceeded", "FlopEstimate", "GenerationCost", "generation_cost", "generation_cost_table",
+    "GPU", "LLAMA_7B", "MemoryBreakdown", "ModelShape", "training_memory", "RecipeCost", "recipe_cost", "BudgetExceeded", "FlopEstimate", "GenerationCost", "generation_cost", "generation_cost_table",
     "plot_generation_cost", "Ledger", "LedgerEntry", "Price", "PriceError", "TokenCounts",
     "TrainingEstimate", "count_tokens", "finetune_flops", "gpu", "implied_mfu", "known_models", "lora_flops",
     "measure_matmul_tflops", "price", "sft_token_counts", "training_time",
@@ -354,9 +354,7 @@ def sft_token_counts(records, tokenizer, max_length: int = 512, micro_batch: int
     Upstream samples micro-batches in random order and pads each to its longest example; the same
     is simulated here with a seeded shuffle.
     """
-    import random
-
-    from alpaca_nb.sft import format_example
+    from alpaca_nb.sft import format_example, padded_tokens, random_batches
 
     lengths = []
     for record in records:
@@ -364,10 +362,7 @@ def sft_token_counts(records, tokenizer, max_length: int = 512, micro_batch: int
         lengths.append(len(tokenizer(prompt + target, add_special_tokens=True)["input_ids"]))
     truncated = sum(length > max_length for length in lengths)
     lengths = [min(length, max_length) for length in lengths]
-    order = list(range(len(lengths)))
-    random.Random(seed).shuffle(order)
-    padded = sum(max(lengths[i] for i in order[start:start + micro_batch]) * len(order[start:start + micro_batch])
-                 for start in range(0, len(order), micro_batch))
+    padded = padded_tokens(random_batches(len(lengths), micro_batch, seed=seed), lengths)
     return TokenCounts(len(lengths), sum(lengths), padded, truncated)
 
 
@@ -478,3 +473,30 @@ def recipe_cost(*, keep_rate: float, model: str, batch: bool, gpu_name: str, n_g
     flops = finetune_flops(shape.n_params, tokens_per_epoch, epochs, n_layers=shape.n_layers, d_model=shape.d_model,
                            context=context)
     return RecipeCost(generation, training_time(flops.total, gpu_name, n_gpus, mfu), flops)
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes per GPU for a full fine-tune with AdamW in mixed precision (float32 master weights)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+def training_memory(n_params: float, n_gpus: int = 1, sharded: bool = False, *, micro_batch: int = 4,
+                    seq_len: int = 512, n_layers: int = 32, d_model: int = 4096) -> MemoryBreakdown:
+    """Return per-GPU memory for a full fine-tune: float32 weights (4 B/param), gradients (4 B), Adam's two moments
+    (8 B) — divided by ``n_gpus`` when ``sharded`` (FSDP full shard / ZeRO-3) — plus activations.
+
+    Activations use the rough 34·s·b·h bytes per layer of Korthikanti et al. (2022) for bf16 without
+    recomputation (attention scores omitted: flash/SDPA attention does not keep them).
+    """
+    share = n_gpus if sharded else 1
+    activations = 34 * seq_len * micro_batch * d_model * n_layers
+    return MemoryBreakdown(4 * n_params / share, 4 * n_params / share, 8 * n_params / share, activations)

@@ -111,18 +111,25 @@ def generate_reply(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    chat_template: bool = True,
 ) -> str:
     """Return the model's reply to a user prompt (or chat messages) through its chat template.
 
     ``temperature=0`` decodes greedily; otherwise samples, reproducibly for a given ``seed``.
+    ``chat_template=False`` sends ``prompt`` as raw text, e.g. an Alpaca-format prompt for a model
+    fine-tuned on that template (chapter 4).
     """
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    if chat_template:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
     inputs = inputs.to(model.device)
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     torch.manual_seed(seed)
     with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, **sampling)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 

@@ -38,6 +38,10 @@ class Profile:
     generate_concurrency: int
     generate_budget_usd: float
     ledger_requests: int
+    finetune_asset: str
+    finetune_examples: int
+    finetune_eval_examples: int
+    finetune_max_steps: int
     smoke: bool = False
 
     def as_rows(self) -> list[tuple[str, str]]:

@@ -13,7 +13,7 @@ import ipywidgets as widgets
 
 from alpaca_nb.seeds import filter_tasks, records_frame, shorten
 
-__all__ = ["prompt_price_widget", "recipe_cost_widget", "seed_browser_widget"]
+__all__ = ["label_mask_widget", "prompt_price_widget", "recipe_cost_widget", "seed_browser_widget"]
 
 _CHOICES = {"any": None, "yes": True, "no": False}
 
@@ -100,3 +100,25 @@ def recipe_cost_widget(**fixed: object) -> widgets.VBox:
     refresh()
     return widgets.VBox([widgets.HTML("<b>Price the recipe</b> (measured token counts, dated prices)"),
                          *controls.values(), totals])
+
+
+def label_mask_widget(records: Sequence[object], tokenizer: object, start: int = 0, max_length: int = 512) -> widgets.VBox:
+    """Return a record picker that colours each token: grey = prompt (label -100, not learned), green = learned."""
+    from alpaca_nb.sft import token_label_rows
+
+    picker = widgets.IntSlider(value=start, min=0, max=len(records) - 1, description="record")
+    view = widgets.HTML()
+
+    def refresh(_change: object = None) -> None:
+        rows = token_label_rows(records[picker.value], tokenizer, max_length=max_length)
+        spans = "".join(
+            f"<span title='id {row['token_id']}, label {row['label']}' style='background:"
+            f"{'#c7e9c0' if row['learned'] else '#e0e0e0'}; margin:1px; padding:0 2px; white-space:pre-wrap'>"
+            f"{html.escape(row['token'])}</span>" for row in rows)
+        learned = sum(row["learned"] for row in rows)
+        view.value = (f"<p>{len(rows)} tokens, <b>{learned}</b> learned (green), {len(rows) - learned} prompt "
+                      f"tokens masked with -100 (grey)</p><div style='font-family: monospace; font-size: 0.8em'>{spans}</div>")
+
+    picker.observe(refresh, names="value")
+    refresh()
+    return widgets.VBox([picker, view])

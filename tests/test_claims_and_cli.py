@@ -38,3 +38,12 @@ def test_cli_prepare_reports_each_file_and_fails_when_one_is_missing(isolated_ca
 def test_console_script_runs_as_a_module():
     result = subprocess.run([sys.executable, "-m", "alpaca_nb.cli", "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "prepare" in result.stdout
+
+
+def test_cli_train_hands_every_option_to_the_trainer_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as finished:
+        main(["train", "--help"])
+    assert finished.value.code == 0 and "--output-dir" in capsys.readouterr().out
+    # A configuration error comes back as exit status 2 with the fix, before any model is loaded.
+    assert main(["train", "--output-dir", str(tmp_path), "--resume"]) == 2
+    assert "holds no checkpoint-N folder to resume from" in capsys.readouterr().err

@@ -201,3 +201,16 @@ def test_recipe_cost_adds_generation_and_finetuning():
     assert cost.generation.cost_usd == pytest.approx(0.048)
     assert cost.finetune.wall_hours == pytest.approx(1.0)
     assert cost.total_usd == pytest.approx(0.048 + 8 * 2.45)
+
+
+def test_training_memory_is_sixteen_bytes_per_parameter_sharded_by_fsdp_plus_activations():
+    from alpaca_nb.costs import LLAMA_7B, training_memory
+
+    alone = training_memory(LLAMA_7B.n_params, 1)
+    assert (alone.weights, alone.gradients, alone.optimizer) == (4 * 6.74e9, 4 * 6.74e9, 8 * 6.74e9)
+    assert alone.activations == 34 * 512 * 4 * 4096 * 32  # Korthikanti et al.: 34·s·b·h per layer
+    replicated = training_memory(LLAMA_7B.n_params, 8, sharded=False)
+    sharded = training_memory(LLAMA_7B.n_params, 8, sharded=True)
+    assert replicated == alone  # DDP keeps a whole copy on every GPU
+    assert sharded.optimizer == alone.optimizer / 8 and sharded.activations == alone.activations
+    assert alone.total / 2**30 > 100 > 80 > sharded.total / 2**30 > 20  # over an 80 GB A100 alone, under it sharded

@@ -68,3 +68,14 @@ def test_a_missing_model_path_raises_model_error(tmp_path):
 def test_a_local_folder_loads_like_a_hub_id(embedded):
     model, _ = load_model(str(embedded_model_dir()))
     assert model.config.vocab_size == embedded[0].config.vocab_size
+
+
+def test_raw_prompt_without_chat_template_is_sent_as_is(embedded):
+    """chat_template=False (chapter 4's Alpaca prompts): the text goes in untouched, so sending the chat
+    template's own rendering raw gives exactly the chat reply, and a bare prompt gives a different one."""
+    model, tokenizer = embedded
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False,
+                                             add_generation_prompt=True)
+    chat = generate_reply(model, tokenizer, PROMPT, max_new_tokens=16)
+    assert generate_reply(model, tokenizer, rendered, max_new_tokens=16, chat_template=False) == chat
+    assert generate_reply(model, tokenizer, PROMPT, max_new_tokens=16, chat_template=False) != chat

@@ -59,3 +59,21 @@ def test_recipe_cost_widget_updates_its_totals():
     assert "6,500</b> requests" in totals.value  # 52002 / (16 * 0.5)
     keep_rate.value = 1.0
     assert "3,250</b> requests" in totals.value
+
+
+def test_label_mask_widget_colours_prompt_and_target_tokens_and_follows_the_picker():
+    from alpaca_nb.data import AlpacaRecord
+    from alpaca_nb.models import load_tokenizer
+    from alpaca_nb.sft import token_label_rows
+    from alpaca_nb.widgets import label_mask_widget
+
+    tokenizer = load_tokenizer()
+    records = [AlpacaRecord("Name a colour.", "", "Blue <script>"), AlpacaRecord("Add the numbers.", "2, 3", "5")]
+    picker, view = label_mask_widget(records, tokenizer).children
+    rows = token_label_rows(records[0], tokenizer)
+    learned = sum(row["learned"] for row in rows)
+    assert f"{len(rows)} tokens, <b>{learned}</b> learned" in view.value
+    assert view.value.count("#c7e9c0") == learned and view.value.count("#e0e0e0") == len(rows) - learned
+    assert "&lt;|im_end|&gt;" in view.value and "<|im_end|>" not in view.value and "<script" not in view.value
+    picker.value = 1
+    assert "Input" in view.value and f"{len(token_label_rows(records[1], tokenizer))} tokens" in view.value

@@ -1,0 +1,603 @@
+"""Fine-tune a causal LM on Alpaca data with transformers' Trainer: the upstream recipe and a laptop preset.
+
+Taught in chapter 4 (book/04_fine_tuning.md); the cluster commands are in book/appendix_cluster.md.
+``python -m alpaca_nb.train --preset laptop|upstream ...`` runs the same code on a laptop CPU, under
+``accelerate launch`` on 8 GPUs (FSDP or DeepSpeed, chosen by the accelerate config file, not here), or
+as several CPU processes over gloo (the test of the distributed path). Every distributed detail is left
+to ``Trainer`` and accelerate; this module only turns a :class:`TrainConfig` into ``TrainingArguments``,
+keeps the global batch fixed whatever the number of processes, and saves the final model without
+gathering it on the GPUs (stanford_alpaca#65).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.utils.import_utils import is_in_notebook
+
+from alpaca_nb.data import load_alpaca_data
+from alpaca_nb.models import load_model
+from alpaca_nb.sft import (
+    AlpacaCollator, SFTReport, build_dataset, enable_packed_attention, ensure_pad_token, padding_free_collator,
+)
+
+__all__ = [
+    "LOSS_CURVE_FILE", "TrainConfig", "TrainConfigError", "TrainResult", "fsdp_units", "gradient_accumulation_steps",
+    "laptop_config", "main", "peft_available", "plot_loss_curve", "profile_config", "train", "training_arguments", "upstream_config",
+    "world_size",
+]
+
+logger = logging.getLogger("alpaca_nb.train")  # the same name under `python -m`
+
+LOSS_CURVE_FILE = "loss_curve.json"
+FINAL_DIR = "final"
+LORA_LEARNING_RATE = 3e-4  # alpaca-lora's (tloen/alpaca-lora finetune.py), with r=8, alpha=16, q_proj/v_proj
+
+
+class TrainConfigError(ValueError):
+    """A training configuration that cannot run as asked; the message names the setting and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one fine-tuning run needs; ``upstream_config`` and ``laptop_config`` fill it in."""
+
+    output_dir: str
+    model: str | None = None                  # None = the embedded SmolLM2-135M-Instruct; else an HF id or path
+    model_dtype: str = "float32"              # "bfloat16" halves the memory of a frozen LoRA base; full fine-tunes
+                                              # keep float32 master weights, as upstream (bf16 is the autocast)
+    data: str = "alpaca_sample"               # a data.ASSETS name, or the path of a stanford-format JSON file
+    n_examples: int | None = None             # the first N records; None = all
+    n_eval_examples: int = 0                  # held out from the END of the data: loss measured before and after
+    epochs: float = 3.0
+    learning_rate: float = 2e-5
+    global_batch_size: int = 128              # examples per optimizer step, summed over processes and accumulation
+    per_device_batch_size: int = 4
+    max_length: int = 512
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    bf16: bool = True                         # bf16 autocast (mixed precision); the weights stay float32
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    padding_free: bool = False                # pack each micro-batch into one row (DataCollatorWithFlattening)
+    train_on_input: bool = False
+    activation_checkpointing: bool = False    # under FSDP, prefer fsdp_activation_checkpointing in the yaml
+    seed: int = 42
+    max_steps: int | None = None              # overrides epochs when set
+    stop_after_steps: int | None = None       # simulate a killed job: checkpoint and stop here, schedule unchanged
+    save_steps: int = 200
+    save_total_limit: int | None = 2
+    logging_steps: int = 1
+    resume: bool = False                      # continue from the last checkpoint-N in output_dir
+    save_final_model: bool = True             # write output_dir/final, loadable with load_model()
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: its loss curve, where it saved, how long it took and what data it saw."""
+
+    final_loss: float | None
+    loss_curve: list[tuple[int, float]]
+    output_dir: str
+    final_model_dir: str | None
+    elapsed_seconds: float
+    global_step: int
+    world_size: int
+    gradient_accumulation_steps: int
+    lora: bool
+    interrupted: bool
+    data_report: SFTReport = field(repr=False)
+    eval_loss_before: float | None = None     # on the held-out examples, before the first step (None: no eval)
+    eval_loss_after: float | None = None
+    trainable_parameters: int = 0             # what the optimizer updates: all of them, or LoRA's adapters
+    total_parameters: int = 0
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def peft_available() -> bool:
+    """Return True when the ``peft`` package (LoRA) is installed."""
+    return importlib.util.find_spec("peft") is not None
+
+
+def upstream_config(model_name: str | None, output_dir: str) -> TrainConfig:
+    """Return stanford_alpaca's recipe: full fine-tune, 3 epochs, lr 2e-5, global batch 128, cosine, bf16, 512 tokens.
+
+    The global batch stays 128 on any number of GPUs: gradient accumulation is derived from the world size.
+    One departure: upstream's save_steps=2000 exceeds the 1,219 steps of the run (52,002 × 3 / 128), so a
+    killed job restarted from zero; here a checkpoint is written every 200 steps and the last two are kept.
+    """
+    return TrainConfig(
+        output_dir=output_dir, model=model_name, data="alpaca_data", epochs=3.0, learning_rate=2e-5,
+        global_batch_size=128, per_device_batch_size=4, max_length=512, lr_scheduler="cosine", warmup_ratio=0.03,
+        weight_decay=0.0, bf16=True, lora=False, save_steps=200, save_total_limit=2, logging_steps=1,
+    )
+
+
+def laptop_config(output_dir: str, lora: bool | None = None) -> TrainConfig:
+    """Return the CPU preset: the embedded model on 256 real Alpaca instructions, one epoch of 16 steps, minutes.
+
+    LoRA (alpaca-lora's r=8, alpha=16, dropout 0.05 on q_proj/v_proj, lr 3e-4) when peft is installed: about
+    twice as fast per step as a full fine-tune on CPU and a checkpoint of megabytes instead of 1.5 GB with
+    optimizer state. Without peft it falls back to a full fine-tune at lr 5e-5 (``lora=False`` forces it).
+    Padding-free batches: right padding to the longest of 4 would multiply the tokens computed by 1.7 on
+    these 256 examples (87,720 instead of 51,801); packing gives the same loss without them.
+    """
+    use_lora = peft_available() if lora is None else lora
+    return TrainConfig(
+        output_dir=output_dir, model=None, data="alpaca_gpt4_demo", n_examples=256, epochs=1.0,
+        learning_rate=LORA_LEARNING_RATE if use_lora else 5e-5, global_batch_size=16, per_device_batch_size=4,
+        max_length=512, lr_scheduler="cosine", warmup_ratio=0.03, weight_decay=0.0, bf16=True, lora=use_lora,
+        n_eval_examples=32, padding_free=True, save_steps=8, save_total_limit=2, logging_steps=1,
+    )
+
+
+def profile_config(profile, output_dir: str) -> TrainConfig:
+    """Return chapter 4's run for a profile: the laptop preset on its model, data and sizes (LoRA).
+
+    On the cluster profile that is a one-GPU LoRA run of the profile's base model (weights in bf16) on the
+    first ``finetune_examples`` of the 52K file, minutes inside the notebook; the full recipe is
+    ``upstream_config`` under ``accelerate launch`` (book/appendix_cluster.md).
+    """
+    config = laptop_config(output_dir)
+    return replace(
+        config, model=profile.base_model or None, data=profile.finetune_asset, n_examples=profile.finetune_examples,
+        n_eval_examples=profile.finetune_eval_examples, max_steps=profile.finetune_max_steps or None,
+        model_dtype="bfloat16" if config.lora and torch.cuda.is_available() else "float32",
+    )
+
+
+# --------------------------------------------------------------------------- the global batch
+
+
+def world_size() -> int:
+    """Return the number of training processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gradient_accumulation_steps(global_batch_size: int, per_device_batch_size: int, processes: int) -> int:
+    """Return the accumulation steps that make ``processes × per_device × steps`` equal the global batch.
+
+    Upstream fixed per-device batch 4 and accumulation 8 for 4 GPUs: on 8 GPUs the same command doubled
+    the batch to 256. Deriving the accumulation keeps the recipe's 128 on any cluster.
+    """
+    for name, value in (("global_batch_size", global_batch_size), ("per_device_batch_size", per_device_batch_size),
+                        ("world size", processes)):
+        if value < 1:
+            raise TrainConfigError(f"{name} must be at least 1, got {value}")
+    per_micro_step = per_device_batch_size * processes
+    if global_batch_size % per_micro_step:
+        raise TrainConfigError(
+            f"global_batch_size={global_batch_size} is not divisible by per_device_batch_size={per_device_batch_size} "
+            f"× {processes} process(es) = {per_micro_step}: no whole number of accumulation steps gives that batch. "
+            f"Change --per-device-batch-size or the number of processes, or choose a global batch that is a "
+            f"multiple of {per_micro_step}.")
+    return global_batch_size // per_micro_step
+
+
+# --------------------------------------------------------------------------- TrainingArguments
+
+
+def training_arguments(config: TrainConfig, processes: int | None = None) -> TrainingArguments:
+    """Return the ``TrainingArguments`` for ``config`` on ``processes`` processes (default: the launcher's)."""
+    processes = world_size() if processes is None else processes
+    accumulation = gradient_accumulation_steps(config.global_batch_size, config.per_device_batch_size, processes)
+    args = TrainingArguments(
+        output_dir=config.output_dir,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps if config.max_steps is not None else -1,
+        per_device_train_batch_size=config.per_device_batch_size,
+        per_device_eval_batch_size=config.per_device_batch_size,
+        prediction_loss_only=True,                # evaluation needs the loss only, not every logit kept
+        gradient_accumulation_steps=accumulation,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,          # transformers 5: a float in [0, 1) is a ratio of the total steps
+        weight_decay=config.weight_decay,
+        bf16=config.bf16,
+        # On a machine without CUDA, say so: otherwise accelerate sees no device, treats each process as
+        # a lone run, and a 2-process launch trains two independent copies (checked in train()).
+        use_cpu=not torch.cuda.is_available(),
+        tf32=_ampere_or_newer() or None,           # upstream ran with --tf32 True on A100s
+        activation_checkpointing=config.activation_checkpointing or None,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        seed=config.seed,
+        data_seed=config.seed,
+        remove_unused_columns=False,              # the examples are plain dicts of input_ids/labels
+        ddp_find_unused_parameters=False,         # every trainable parameter takes part in each forward pass
+        report_to="none",
+        # A progress bar at a terminal, a live table of losses in a notebook; logged lines in a batch job.
+        disable_tqdm=not (sys.stderr.isatty() or is_in_notebook()),
+    )
+    if processes == 1 and args.n_gpu > 1:
+        # One process that sees several GPUs (a notebook on a multi-GPU node): Trainer wraps the model in
+        # nn.DataParallel and feeds per-device batch × GPUs per micro-step; keep the global batch anyway.
+        args.gradient_accumulation_steps = gradient_accumulation_steps(
+            config.global_batch_size, config.per_device_batch_size, args.n_gpu)
+    return args
+
+
+def _ampere_or_newer() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+class _StopAfterSteps(TrainerCallback):
+    """Checkpoint and stop at a given step without changing the planned schedule (a job killed there)."""
+
+    def __init__(self, step: int):
+        self.step = step
+        self.stopped = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped = True
+        return control
+
+
+def fsdp_units(model: torch.nn.Module) -> dict[str, int]:
+    """Return {class name: count} of the modules FSDP gathers and frees as one unit (FSDP2 or FSDP1)."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, FullyShardedDataParallel):
+            name = type(module.module).__name__
+        elif isinstance(module, FSDPModule):
+            name = type(module).__name__.removeprefix("FSDP")  # fully_shard swaps in a class FSDP<Name>
+        else:
+            continue
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+class _ReportFsdpUnits(TrainerCallback):
+    """Log, once the model is sharded, which layers FSDP wraps: the check upstream's #58 needed."""
+
+    def __init__(self):
+        self.reported = False
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if self.reported or model is None or not state.is_world_process_zero:
+            return
+        self.reported = True
+        units = fsdp_units(model)
+        layers = {name: count for name, count in units.items() if count > 1}
+        if layers:
+            logger.info("FSDP units: %s", ", ".join(f"{count} × {name}" for name, count in units.items()))
+        else:
+            # stanford_alpaca#58: a class name that matches nothing leaves one unit, the whole model,
+            # gathered at every step: correct results, several times slower and far more memory.
+            logger.warning("FSDP wraps no repeated layer (%s): each step gathers the whole model; check "
+                           "fsdp_transformer_layer_cls_to_wrap", units or "nothing")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _load_records(config: TrainConfig) -> tuple[list, list]:
+    """Return (training records, held-out records): up to ``n_examples`` from the start, ``n_eval_examples`` from the end."""
+    as_path = Path(config.data).expanduser()
+    if as_path.suffix == ".json" or as_path.is_file():
+        records = load_alpaca_data(as_path)
+    else:
+        records = load_alpaca_data(asset=config.data)
+    if config.n_eval_examples >= len(records):
+        raise TrainConfigError(f"{config.data!r} has {len(records)} records: holding out n_eval_examples="
+                               f"{config.n_eval_examples} would leave none to train on (--eval-examples)")
+    held_out = records[len(records) - config.n_eval_examples:] if config.n_eval_examples > 0 else []
+    training = records[:len(records) - len(held_out)]  # never overlaps the held-out records
+    return (training if config.n_examples is None else training[:config.n_examples]), held_out
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in ("float32", "bfloat16", "float16"):
+        raise TrainConfigError(f"model_dtype={name!r}: choose float32, bfloat16 or float16")
+    return getattr(torch, name)
+
+
+def _with_lora(model, config: TrainConfig):
+    if not peft_available():
+        raise TrainConfigError("lora=True needs the peft package: `pip install peft`, or train with --no-lora")
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(task_type="CAUSAL_LM", r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, target_modules=list(config.lora_target_modules))
+    with warnings.catch_warnings():
+        # peft 0.21 reads `is_gradient_checkpointing`, which transformers 5 deprecates: not ours to fix.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = get_peft_model(model, lora)
+    if config.activation_checkpointing:
+        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the recomputed graph
+    return model
+
+
+def _last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+
+
+def _loss_curve(trainer: Trainer) -> list[tuple[int, float]]:
+    return [(int(entry["step"]), float(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _save_final(trainer: Trainer, tokenizer, config: TrainConfig, use_cache: bool) -> str:
+    """Save a model folder that ``load_model(path)`` opens, gathering sharded weights on the CPU of rank 0.
+
+    FSDP: checkpoints during training are SHARDED_STATE_DICT (each rank writes its own shard, nothing is
+    gathered). Only here do we switch to FULL_STATE_DICT, which in accelerate 1.15 gathers one parameter at a
+    time with ``cpu_offload=True`` into rank 0's CPU memory (FSDP1: FullStateDictConfig(offload_to_cpu=True,
+    rank0_only=True)). Upstream called ``trainer.model.state_dict()`` on every rank and gathered the whole
+    7B model onto each GPU at once, which ran out of memory (stanford_alpaca#65). DeepSpeed ZeRO-3
+    consolidates a 16-bit copy on rank 0 when the config sets ``zero3_save_16bit_model: true``.
+    """
+    final_dir = str(Path(config.output_dir) / FINAL_DIR)
+    model = trainer.model
+    model.config.use_cache = use_cache  # training ran without the KV cache; generation wants it back
+    if trainer.is_fsdp_enabled:
+        plugin = trainer.accelerator.state.fsdp_plugin
+        plugin.state_dict_config = plugin.optim_state_dict_config = None  # rebuilt for FULL: offload, rank 0 only
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+    distributed_weights = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if config.lora and not distributed_weights:
+        # Merge the adapter into the base weights so the folder loads like any model (chapter 5 compares it).
+        if trainer.is_world_process_zero():
+            trainer.accelerator.unwrap_model(model).merge_and_unload().save_pretrained(final_dir)
+            tokenizer.save_pretrained(final_dir)
+        trainer.accelerator.wait_for_everyone()
+    else:
+        trainer.save_model(final_dir)  # a LoRA run under FSDP/DeepSpeed saves the adapter only
+    return final_dir
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Return the result of fine-tuning ``config.model`` on ``config.data`` with Trainer (chapter 4).
+
+    Writes ``output_dir/loss_curve.json`` (rank 0), a ``checkpoint-N`` every ``save_steps`` and, unless
+    interrupted, ``output_dir/final``. ``resume=True`` continues from the last checkpoint in ``output_dir``
+    with the same data order, optimizer and scheduler state.
+    """
+    processes = world_size()
+    args = training_arguments(config, processes)
+    if args.world_size != processes:
+        raise TrainConfigError(
+            f"the launcher started {processes} processes (WORLD_SIZE) but the Trainer sees {args.world_size}: "
+            "on a machine without GPUs use an accelerate config with `use_cpu: true` "
+            "(configs/accelerate/cpu_2proc.yaml), otherwise each process would train its own copy")
+    resume_from = None
+    if config.resume:
+        resume_from = _last_checkpoint(config.output_dir)
+        if resume_from is None:
+            raise TrainConfigError(f"resume=True but {config.output_dir} holds no checkpoint-N folder to resume from")
+
+    model, tokenizer = load_model(config.model, dtype=_dtype(config.model_dtype))
+    ensure_pad_token(model, tokenizer)
+    use_cache = bool(getattr(model.config, "use_cache", True))
+    # No KV cache while training; required for padding-free packing, where a cache object makes
+    # transformers 5.23 skip the packed-sequence mask and examples attend to one another.
+    model.config.use_cache = False
+    if config.padding_free and not str(model.config._attn_implementation).startswith("flash"):
+        # Stock SDPA attends over the whole packed row (cost ~ row length squared) and lets examples see
+        # each other whenever a cache appears; flash-attention's varlen kernel already splits the row.
+        enable_packed_attention(model)
+    if config.lora:
+        model = _with_lora(model, config)
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    total = sum(parameter.numel() for parameter in model.parameters())
+
+    records, held_out = _load_records(config)
+    examples, report = build_dataset(records, tokenizer, max_length=config.max_length,
+                                     train_on_input=config.train_on_input)
+    if not examples:
+        raise TrainConfigError(f"no training example left from {config.data!r}: {report.summary()}")
+    eval_examples = build_dataset(held_out, tokenizer, max_length=config.max_length)[0] if held_out else None
+    collator = padding_free_collator() if config.padding_free else AlpacaCollator(tokenizer)
+
+    stopper = _StopAfterSteps(config.stop_after_steps) if config.stop_after_steps else None
+    trainer = Trainer(model=model, args=args, train_dataset=examples, eval_dataset=eval_examples,
+                      data_collator=collator, processing_class=tokenizer, callbacks=[stopper] if stopper else None)
+    if trainer.is_fsdp_enabled:
+        trainer.add_callback(_ReportFsdpUnits())
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not trainer.is_fsdp_enabled:
+        # accelerate 1.15 enables FSDP only for GPU-like device types: on CPU it keeps MULTI_CPU (DDP over
+        # gloo) and drops the FSDP plugin without a word. Say so, rather than let a log claim sharding.
+        logger.warning("the accelerate config asks for FSDP but accelerate runs %s: on CPU it does not shard; "
+                       "training proceeds as plain data parallelism", trainer.accelerator.distributed_type)
+    if trainer.is_world_process_zero():
+        logger.info("%s; %d process(es) × %d per device × %d accumulation = global batch %d; %s",
+                    report.summary(), processes, config.per_device_batch_size, args.gradient_accumulation_steps,
+                    config.global_batch_size, "LoRA" if config.lora else "full fine-tune")
+
+    # The held-out loss is what the training loss cannot show: whether the model got better on examples it
+    # never saw. The loss per step moves with each batch's mix of examples; this one does not.
+    eval_before = trainer.evaluate()["eval_loss"] if eval_examples else None
+    started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    elapsed = time.perf_counter() - started
+    interrupted = bool(stopper and stopper.stopped)
+    eval_after = trainer.evaluate()["eval_loss"] if eval_examples and not interrupted else None
+    final_dir = None
+    if config.save_final_model and not interrupted:
+        final_dir = _save_final(trainer, tokenizer, config, use_cache)
+
+    curve = _loss_curve(trainer)
+    result = TrainResult(
+        final_loss=curve[-1][1] if curve else None, loss_curve=curve, output_dir=config.output_dir,
+        final_model_dir=final_dir, elapsed_seconds=elapsed, global_step=trainer.state.global_step,
+        world_size=processes, gradient_accumulation_steps=args.gradient_accumulation_steps, lora=config.lora,
+        interrupted=interrupted, data_report=report, eval_loss_before=eval_before, eval_loss_after=eval_after,
+        trainable_parameters=trainable, total_parameters=total,
+    )
+    if trainer.is_world_process_zero():
+        _write_loss_curve(result, config)
+    return result
+
+
+def _write_loss_curve(result: TrainResult, config: TrainConfig) -> Path:
+    path = Path(config.output_dir) / LOSS_CURVE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    report = {key: value for key, value in asdict(result.data_report).items() if not key.endswith("_indices")}
+    payload = {
+        "loss_curve": [[step, loss] for step, loss in result.loss_curve],
+        "final_loss": result.final_loss,
+        "global_step": result.global_step,
+        "elapsed_seconds": round(result.elapsed_seconds, 3),
+        "world_size": result.world_size,
+        "gradient_accumulation_steps": result.gradient_accumulation_steps,
+        "interrupted": result.interrupted,
+        "eval_loss_before": result.eval_loss_before,
+        "eval_loss_after": result.eval_loss_after,
+        "trainable_parameters": result.trainable_parameters,
+        "total_parameters": result.total_parameters,
+        "data_report": report,
+        "config": asdict(config),
+    }
+    staging = path.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    os.replace(staging, path)  # a reader never sees half a file
+    return path
+
+
+def plot_loss_curve(result: TrainResult):
+    """Return a plot of the training loss per optimizer step, with the held-out loss before and after (chapter 4)."""
+    import matplotlib.pyplot as plt
+
+    steps, losses = zip(*result.loss_curve) if result.loss_curve else ((), ())
+    figure, axis = plt.subplots(figsize=(7, 3.4), constrained_layout=True)
+    axis.plot(steps, losses, marker="o", markersize=3, label="training loss (each step's batch)")
+    if result.eval_loss_after is not None:
+        axis.plot([0, result.global_step], [result.eval_loss_before, result.eval_loss_after], marker="s",
+                  linestyle="--", color="#d95f02", label=f"held-out loss ({result.eval_loss_before:.3f} -> "
+                                                           f"{result.eval_loss_after:.3f})")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("cross-entropy on response tokens")
+    axis.set_title(f"{'LoRA' if result.lora else 'full'} fine-tune, {result.world_size} process(es)")
+    axis.legend(fontsize=8)
+    return figure
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m alpaca_nb.train",
+        description="Fine-tune on Alpaca data with transformers' Trainer (book chapter 4). Launch it with "
+                    "`accelerate launch --config_file configs/accelerate/... -m alpaca_nb.train` for several "
+                    "GPUs or processes.")
+    parser.add_argument("--preset", choices=("laptop", "upstream"), default=None,
+                        help="laptop: embedded model, CPU, minutes; upstream: the stanford_alpaca recipe "
+                             "(default: upstream when ALPACA_NB_PROFILE=cluster, else laptop)")
+    parser.add_argument("--model", default=None,
+                        help="Hugging Face id or local folder (default: the profile's base_model; the embedded "
+                             "SmolLM2-135M-Instruct on a laptop)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--data", default=None, help="a data asset name (alpaca_data, alpaca_sample, "
+                                                     "alpaca_gpt4_demo) or a stanford-format JSON file")
+    parser.add_argument("--model-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="dtype of the loaded weights (default float32; bfloat16 for a LoRA base on one GPU)")
+    parser.add_argument("--examples", type=int, default=None, help="train on the first N records")
+    parser.add_argument("--eval-examples", type=int, default=None,
+                        help="hold out the last N records and report their loss before and after training")
+    parser.add_argument("--epochs", type=float, default=None)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--stop-after-steps", type=int, default=None,
+                        help="checkpoint and stop at this step, as a killed job would (then --resume)")
+    parser.add_argument("--learning-rate", type=float, default=None)
+    parser.add_argument("--global-batch-size", type=int, default=None)
+    parser.add_argument("--per-device-batch-size", type=int, default=None)
+    parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--warmup-ratio", type=float, default=None)
+    parser.add_argument("--save-steps", type=int, default=None)
+    parser.add_argument("--logging-steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--lora-r", type=int, default=None)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--save-final-model", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    return parser
+
+
+_OVERRIDES = {  # command-line option -> TrainConfig field
+    "data": "data", "model_dtype": "model_dtype", "examples": "n_examples", "eval_examples": "n_eval_examples",
+    "epochs": "epochs",
+    "max_steps": "max_steps",
+    "stop_after_steps": "stop_after_steps", "learning_rate": "learning_rate",
+    "global_batch_size": "global_batch_size", "per_device_batch_size": "per_device_batch_size",
+    "max_length": "max_length", "warmup_ratio": "warmup_ratio", "save_steps": "save_steps",
+    "logging_steps": "logging_steps", "seed": "seed", "lora_r": "lora_r", "bf16": "bf16",
+    "padding_free": "padding_free", "activation_checkpointing": "activation_checkpointing",
+    "save_final_model": "save_final_model",
+}
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """Return the TrainConfig the command line asks for: a preset with the given options laid over it."""
+    from alpaca_nb.profiles import current_profile
+
+    options = _parser().parse_args(argv)
+    profile = current_profile()
+    preset = options.preset or ("upstream" if profile.name == "cluster" else "laptop")
+    model = options.model if options.model is not None else (profile.base_model or None)
+    if preset == "upstream":
+        config = upstream_config(model, options.output_dir)
+    else:
+        config = replace(laptop_config(options.output_dir, lora=options.lora), model=model)
+    overrides = {name: getattr(options, option) for option, name in _OVERRIDES.items()
+                 if getattr(options, option) is not None}
+    if options.lora is not None and options.lora != config.lora:
+        overrides["lora"] = options.lora
+        if options.lora and options.learning_rate is None:
+            overrides["learning_rate"] = LORA_LEARNING_RATE  # 2e-5 barely moves a rank-8 adapter
+    return replace(config, resume=options.resume, **overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``python -m alpaca_nb.train``; print the loss curve's end and where the model went (rank 0)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)  # this module's own lines (data kept, batch arithmetic, FSDP units)
+    config = config_from_args(argv)
+    try:
+        result = train(config)
+    except TrainConfigError as error:
+        print(f"python -m alpaca_nb.train: {error}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        held_out = (f"held-out loss {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}; "
+                    if result.eval_loss_after is not None else "")
+        saved = (f"; model {result.final_model_dir}" if result.final_model_dir
+                 else "; interrupted, no final model" if result.interrupted else "")
+        print(f"{result.global_step} steps in {result.elapsed_seconds:.1f} s on {result.world_size} process(es) "
+              f"(accumulation {result.gradient_accumulation_steps}); final loss {result.final_loss}; {held_out}"
+              f"loss curve {Path(config.output_dir) / LOSS_CURVE_FILE}{saved}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

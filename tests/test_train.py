@@ -1,0 +1,364 @@
+"""alpaca_nb.train: real Trainer steps on real Alpaca records, resume, two gloo processes, configs.
+
+Most runs use a tiny randomly initialised Llama built from the embedded SmolLM2's config (2 layers,
+hidden 64, the real 49,152-token vocabulary and tokenizer): ~0.5 s per optimizer step here against ~8 s
+for SmolLM2 itself, and the properties under test (loss goes down, resume is exact, two processes equal
+one) are the Trainer's and ours, not the pretrained weights'. One test runs the laptop preset on the
+embedded model itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from alpaca_nb.train import (
+    LOSS_CURVE_FILE, TrainConfig, TrainConfigError, _load_records, gradient_accumulation_steps, laptop_config,
+    peft_available, profile_config, train, training_arguments, upstream_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
+SBATCH = ROOT / "configs" / "slurm" / "alpaca_train.sbatch"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Return a folder with a 2-layer random Llama on the embedded model's config and tokenizer (3.3M params)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alpaca_nb.models import embedded_model_dir, load_tokenizer
+
+    config = LlamaConfig.from_pretrained(embedded_model_dir())
+    config.update({"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "head_dim": 16})
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    load_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def tiny_config(model: Path, output_dir: Path, **changes) -> TrainConfig:
+    """Return a seconds-long run on the 100 real records of alpaca_sample (2 × 2 examples per step)."""
+    config = TrainConfig(output_dir=str(output_dir), model=str(model), data="alpaca_sample", epochs=1,
+                         learning_rate=3e-3, global_batch_size=4, per_device_batch_size=2, max_length=128,
+                         max_steps=6, save_steps=3, save_total_limit=None, seed=7, bf16=True)
+    return replace(config, **changes)
+
+
+# --------------------------------------------------------------------------- the global batch
+
+
+def test_gradient_accumulation_keeps_the_global_batch_whatever_the_world_size():
+    assert gradient_accumulation_steps(128, 4, 1) == 32
+    assert gradient_accumulation_steps(128, 4, 4) == 8   # upstream's 4 GPUs × 4 × 8
+    assert gradient_accumulation_steps(128, 4, 8) == 4
+    assert gradient_accumulation_steps(128, 4, 32) == 1
+
+
+def test_gradient_accumulation_refuses_a_global_batch_it_cannot_build():
+    with pytest.raises(TrainConfigError, match=r"global_batch_size=128 is not divisible by per_device_batch_size=4 "
+                                               r"× 3 process\(es\) = 12"):
+        gradient_accumulation_steps(128, 4, 3)
+    with pytest.raises(TrainConfigError, match="per_device_batch_size must be at least 1"):
+        gradient_accumulation_steps(128, 0, 1)
+
+
+def test_training_arguments_derive_accumulation_from_the_world_size(tmp_path):
+    config = upstream_config("huggyllama/llama-7b", str(tmp_path))
+    assert training_arguments(config, processes=8).gradient_accumulation_steps == 4
+    assert training_arguments(config, processes=1).gradient_accumulation_steps == 32
+
+
+def test_upstream_config_is_the_stanford_alpaca_recipe(tmp_path):
+    config = upstream_config("huggyllama/llama-7b", str(tmp_path))
+    assert (config.epochs, config.learning_rate, config.global_batch_size, config.per_device_batch_size) == (3, 2e-5, 128, 4)
+    assert (config.lr_scheduler, config.warmup_ratio, config.weight_decay, config.max_length) == ("cosine", 0.03, 0.0, 512)
+    assert config.bf16 and not config.lora and config.data == "alpaca_data"
+    arguments = training_arguments(config, processes=8)
+    assert arguments.lr_scheduler_type == "cosine" and arguments.warmup_steps == 0.03 and arguments.bf16
+
+
+def test_laptop_config_uses_lora_exactly_when_peft_is_installed(tmp_path):
+    config = laptop_config(str(tmp_path))
+    assert config.lora == peft_available()
+    assert config.model is None and config.n_examples == 256 and config.n_eval_examples == 32
+    assert config.padding_free and config.logging_steps == 1
+    assert not laptop_config(str(tmp_path), lora=False).lora
+
+
+# --------------------------------------------------------------------------- real training steps
+
+
+def test_train_lowers_the_loss_and_writes_the_curve_and_checkpoints(tiny_llama, tmp_path):
+    result = train(tiny_config(tiny_llama, tmp_path / "run"))
+
+    assert [step for step, _ in result.loss_curve] == [1, 2, 3, 4, 5, 6]
+    first, last = result.loss_curve[0][1], result.loss_curve[-1][1]
+    assert last < first - 0.1, result.loss_curve
+    assert result.final_loss == last and result.data_report.kept == result.data_report.examples == 100
+    assert result.data_report.truncated > 0
+    saved = json.loads((tmp_path / "run" / LOSS_CURVE_FILE).read_text())
+    assert saved["loss_curve"] == [[step, loss] for step, loss in result.loss_curve]
+    assert saved["data_report"]["kept"] == 100 and saved["gradient_accumulation_steps"] == 2
+    for checkpoint in ("checkpoint-3", "checkpoint-6"):
+        assert (tmp_path / "run" / checkpoint / "optimizer.pt").is_file()
+    from alpaca_nb.models import load_model
+
+    model, _ = load_model(result.final_model_dir)
+    assert model.config.use_cache  # restored for generation after training without the cache
+
+
+def test_held_out_records_come_from_the_end_and_their_loss_is_measured_before_and_after(tiny_llama, tmp_path):
+    from alpaca_nb.data import load_alpaca_data
+
+    records = load_alpaca_data(asset="alpaca_sample")
+    training, held_out = _load_records(tiny_config(tiny_llama, tmp_path, n_eval_examples=8, n_examples=50))
+    assert training == records[:50] and held_out == records[-8:]
+    training, _ = _load_records(tiny_config(tiny_llama, tmp_path, n_eval_examples=8, n_examples=None))
+    assert training == records[:92]  # "all" stops short of the held-out records
+    with pytest.raises(TrainConfigError, match="would leave none to train on"):
+        _load_records(tiny_config(tiny_llama, tmp_path, n_eval_examples=100))
+
+    result = train(tiny_config(tiny_llama, tmp_path / "run", n_eval_examples=8, save_final_model=False))
+    assert result.data_report.kept == 92
+    assert result.eval_loss_after < result.eval_loss_before - 0.1, (result.eval_loss_before, result.eval_loss_after)
+    saved = json.loads((tmp_path / "run" / LOSS_CURVE_FILE).read_text())
+    assert (saved["eval_loss_before"], saved["eval_loss_after"]) == (result.eval_loss_before, result.eval_loss_after)
+
+
+def test_profile_config_is_the_laptop_preset_on_the_profiles_sizes(tmp_path):
+    from alpaca_nb.profiles import load_profile
+
+    laptop = profile_config(load_profile("laptop"), str(tmp_path))
+    assert (laptop.model, laptop.data, laptop.n_examples, laptop.n_eval_examples, laptop.max_steps) == (
+        None, "alpaca_gpt4_demo", 256, 32, None)
+    assert laptop == replace(laptop_config(str(tmp_path)), n_eval_examples=32)
+    smoke = profile_config(load_profile("laptop", smoke=True), str(tmp_path))
+    assert (smoke.n_examples, smoke.n_eval_examples, smoke.max_steps) == (16, 4, 2)
+    cluster = profile_config(load_profile("cluster"), str(tmp_path))
+    assert (cluster.model, cluster.data, cluster.lora) == ("huggyllama/llama-7b", "alpaca_data", peft_available())
+
+
+def test_resumed_run_ends_with_the_loss_of_an_uninterrupted_run(tiny_llama, tmp_path):
+    uninterrupted = train(tiny_config(tiny_llama, tmp_path / "straight", save_final_model=False))
+    # Same planned schedule (max_steps=6), killed after step 3, then resumed from checkpoint-3.
+    interrupted = train(tiny_config(tiny_llama, tmp_path / "killed", stop_after_steps=3, save_final_model=False))
+    assert interrupted.interrupted and interrupted.global_step == 3 and interrupted.final_model_dir is None
+    resumed = train(tiny_config(tiny_llama, tmp_path / "killed", resume=True, save_final_model=False))
+
+    assert resumed.global_step == 6
+    assert [step for step, _ in resumed.loss_curve] == [1, 2, 3, 4, 5, 6]
+    assert resumed.final_loss == pytest.approx(uninterrupted.final_loss, rel=1e-6, abs=1e-6)
+    for (_, a), (_, b) in zip(resumed.loss_curve, uninterrupted.loss_curve):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+
+
+def test_padding_free_run_follows_the_padded_run(tiny_llama, tmp_path):
+    """Packed micro-batches (the laptop preset's) train the same model as upstream's right padding."""
+    padded = train(tiny_config(tiny_llama, tmp_path / "padded", max_steps=3, bf16=False, save_final_model=False))
+    packed = train(tiny_config(tiny_llama, tmp_path / "packed", max_steps=3, bf16=False, save_final_model=False,
+                               padding_free=True))
+    for (_, a), (_, b) in zip(packed.loss_curve, padded.loss_curve):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_resume_without_a_checkpoint_says_so(tiny_llama, tmp_path):
+    with pytest.raises(TrainConfigError, match="holds no checkpoint"):
+        train(tiny_config(tiny_llama, tmp_path / "empty", resume=True))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_gloo_processes_match_one_process_at_the_same_global_batch(tiny_llama, tmp_path):
+    """The distributed path without GPUs: `accelerate launch` of the same module, DDP over gloo on CPU.
+
+    Not FSDP: accelerate 1.15 keeps MULTI_CPU when asked for FSDP on CPU (see the next test).
+    """
+    steps = ["--max-steps", "4", "--global-batch-size", "4", "--per-device-batch-size", "2", "--max-length", "128",
+             "--learning-rate", "3e-3", "--seed", "7", "--no-lora", "--no-padding-free", "--save-steps", "100",
+             "--no-save-final-model", "--eval-examples", "0"]
+    out = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ALPACA_NB_PROFILE": "laptop", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, "-m", "accelerate.commands.launch",
+               "--config_file", str(ACCELERATE_CONFIGS / "cpu_2proc.yaml"), "--main_process_port", str(_free_port()),
+               "-m", "alpaca_nb.train", "--preset", "laptop", "--model", str(tiny_llama), "--data", "alpaca_sample",
+               "--output-dir", str(out), *steps]
+    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-4000:]
+    two = json.loads((out / LOSS_CURVE_FILE).read_text())
+    assert two["world_size"] == 2 and two["gradient_accumulation_steps"] == 1
+
+    one = train(tiny_config(tiny_llama, tmp_path / "one", max_steps=4, save_steps=100, save_final_model=False))
+    assert one.gradient_accumulation_steps == 2
+    assert [step for step, _ in two["loss_curve"]] == [1, 2, 3, 4]
+    for (_, distributed), (_, single) in zip(two["loss_curve"], one.loss_curve):
+        assert distributed == pytest.approx(single, rel=1e-4)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _launch_environment(config_file: Path) -> dict[str, str]:
+    """Return the environment `accelerate launch` gives each process for this config file (none started)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    arguments = launch_command_parser().parse_args(["--config_file", str(config_file), "-m", "alpaca_nb.train"])
+    arguments, _, _ = _validate_launch_command(arguments)
+    return prepare_multi_gpu_env(arguments)
+
+
+def test_fsdp_config_wraps_the_models_own_decoder_layer(tiny_llama, monkeypatch):
+    """stanford_alpaca#58: no hand-typed class name; accelerate derives it from the model's _no_split_modules."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from transformers import AutoModelForCausalLM
+
+    environment = _launch_environment(ACCELERATE_CONFIGS / "fsdp_8xa100.yaml")
+    assert "FSDP_TRANSFORMER_CLS_TO_WRAP" not in environment
+    assert environment["FSDP_VERSION"] == "2" and environment["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"
+    assert environment["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    assert environment["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    for key, value in environment.items():
+        if key.startswith("FSDP_"):
+            monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    wrapped = {type(module).__name__ for module in model.modules() if policy(module)}
+    assert wrapped == {"LlamaDecoderLayer"}
+    assert sum(1 for module in model.modules() if policy(module)) == model.config.num_hidden_layers
+
+
+def test_accelerate_does_not_shard_with_fsdp_on_cpu(tmp_path):
+    """Why the two-process test is DDP: given FSDP on CPU, accelerate 1.15 keeps MULTI_CPU, no plugin, no error.
+
+    If this starts failing, accelerate shards on CPU: switch cpu_2proc.yaml to FSDP and test that instead.
+    """
+    environment = {**os.environ, **_launch_environment(ACCELERATE_CONFIGS / "fsdp_8xa100.yaml"),
+                   "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(_free_port())}
+    probe = ("from accelerate import Accelerator; accelerator = Accelerator(cpu=True); "
+             "print(accelerator.distributed_type, getattr(accelerator.state, 'fsdp_plugin', None) is not None)")
+    finished = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True,
+                              timeout=120)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.split() == ["DistributedType.MULTI_CPU", "False"]
+
+
+def test_fsdp_units_name_the_sharded_decoder_layers(tiny_llama):
+    """What train() logs under FSDP: accelerate's derived policy applied with fully_shard (1 gloo process)."""
+    probe = f"""
+import os, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from transformers import AutoModelForCausalLM
+from accelerate.utils import FullyShardedDataParallelPlugin
+from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+from alpaca_nb.train import fsdp_units
+dist.init_process_group("gloo", rank=0, world_size=1)
+model = AutoModelForCausalLM.from_pretrained({str(tiny_llama)!r})
+policy = fsdp2_prepare_auto_wrap_policy(FullyShardedDataParallelPlugin(), model)
+for module in [m for m in model.modules() if policy(m)]:
+    fully_shard(module)
+fully_shard(model)
+print(sorted(fsdp_units(model).items()))
+dist.destroy_process_group()
+"""
+    environment = {**os.environ, **_launch_environment(ACCELERATE_CONFIGS / "fsdp_8xa100.yaml"),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    finished = subprocess.run([sys.executable, "-c", probe], env=environment, capture_output=True, text=True,
+                              timeout=120)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert finished.stdout.strip().splitlines()[-1] == "[('LlamaDecoderLayer', 2), ('LlamaForCausalLM', 1)]"
+
+
+def _yaml(name: str) -> dict:
+    return yaml.safe_load((ACCELERATE_CONFIGS / name).read_text())
+
+
+def test_accelerate_configs_name_the_expected_settings():
+    fsdp = _yaml("fsdp_8xa100.yaml")
+    assert fsdp["distributed_type"] == "FSDP" and fsdp["num_processes"] == 8 and fsdp["mixed_precision"] == "bf16"
+    assert fsdp["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp["fsdp_config"]["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+    assert fsdp["fsdp_config"]["fsdp_reshard_after_forward"] is True
+    assert "fsdp_transformer_layer_cls_to_wrap" not in fsdp["fsdp_config"]
+
+    zero3 = _yaml("deepspeed_zero3_offload.yaml")
+    assert zero3["distributed_type"] == "DEEPSPEED" and zero3["mixed_precision"] == "bf16"
+    assert zero3["deepspeed_config"]["zero_stage"] == 3
+    assert zero3["deepspeed_config"]["offload_param_device"] == zero3["deepspeed_config"]["offload_optimizer_device"] == "cpu"
+    assert zero3["deepspeed_config"]["zero3_save_16bit_model"] is True
+    assert "gradient_accumulation_steps" not in zero3["deepspeed_config"]  # "auto": the Trainer's value
+
+    lora = _yaml("single_gpu_lora.yaml")
+    assert lora["distributed_type"] == "NO" and lora["num_processes"] == 1 and lora["mixed_precision"] == "bf16"
+
+    cpu = _yaml("cpu_2proc.yaml")
+    assert cpu["use_cpu"] is True and cpu["num_processes"] == 2
+
+
+def test_sbatch_script_is_valid_bash_and_builds_the_rendezvous_from_slurm():
+    subprocess.run(["bash", "-n", str(SBATCH)], check=True)
+    text = SBATCH.read_text()
+    for needed in ("scontrol show hostnames \"$SLURM_JOB_NODELIST\" | head -n1", "--num_machines \"$SLURM_NNODES\"",
+                   "--machine_rank \"$SLURM_NODEID\"", "NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))",
+                   "--main_process_ip \"$MASTER_ADDR\"", "--main_process_port \"$MASTER_PORT\"",
+                   "configs/accelerate/fsdp_8xa100.yaml", "ALPACA_NB_PROFILE=cluster",
+                   "-m alpaca_nb.train --preset upstream --model \"$MODEL_ID\""):
+        assert needed in text, needed
+
+
+# --------------------------------------------------------------------------- the embedded model
+
+
+def test_laptop_preset_trains_the_embedded_model_and_saves_a_loadable_model(tmp_path):
+    """Two one-example steps of the laptop preset (LoRA when peft is installed) on the real SmolLM2."""
+    from alpaca_nb.models import generate_reply, load_model
+
+    config = replace(laptop_config(str(tmp_path / "laptop")), data="alpaca_sample", n_examples=4,
+                     global_batch_size=1, per_device_batch_size=1, max_length=128, max_steps=2, save_steps=2)
+    result = train(config)
+
+    assert result.global_step == 2 and len(result.loss_curve) == 2 and result.lora == peft_available()
+    if result.lora:  # rank 8 on q_proj and v_proj of 30 layers: 30 × (576×8 + 8×576 + 576×8 + 8×192) adapters
+        assert result.trainable_parameters == 30 * (2 * 576 * 8 + 576 * 8 + 8 * 192)
+        assert 134e6 < result.total_parameters - result.trainable_parameters < 135e6
+    assert all(0 < loss < 10 for _, loss in result.loss_curve)  # a pretrained model, not a random one (~10.8)
+    model, tokenizer = load_model(result.final_model_dir)
+    assert "lora" not in " ".join(name for name, _ in model.named_parameters())  # merged into the base weights
+    assert generate_reply(model, tokenizer, "Give three tips for staying healthy.", max_new_tokens=8)
+
+
+def test_loss_plot_shows_the_steps_and_the_held_out_loss_when_measured():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from alpaca_nb.sft import SFTReport
+    from alpaca_nb.train import TrainResult, plot_loss_curve
+
+    report = SFTReport(examples=4, kept=4, dropped_prompt_too_long=0, truncated=0, target_tokens=10, total_tokens=20)
+    result = TrainResult(final_loss=1.5, loss_curve=[(1, 2.0), (2, 1.5)], output_dir="x", final_model_dir=None,
+                         elapsed_seconds=1.0, global_step=2, world_size=1, gradient_accumulation_steps=1, lora=True,
+                         interrupted=False, data_report=report, eval_loss_before=2.2, eval_loss_after=1.8)
+    training, held_out = plot_loss_curve(result).axes[0].get_lines()
+    assert list(training.get_xdata()) == [1, 2] and list(training.get_ydata()) == [2.0, 1.5]
+    assert list(held_out.get_xdata()) == [0, 2] and list(held_out.get_ydata()) == [2.2, 1.8]
+    assert "2.200 -> 1.800" in held_out.get_label()
+    without_eval = TrainResult(**{**result.__dict__, "eval_loss_before": None, "eval_loss_after": None})
+    assert len(plot_loss_curve(without_eval).axes[0].get_lines()) == 1
