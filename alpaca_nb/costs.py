@@ -96,13 +96,9 @@ def _tiktoken_encoding(name: str):
 
 @lru_cache(maxsize=4)
 def _hf_tokenizer(model: str):
-    from transformers import AutoTokenizer
+    from alpaca_nb.models import load_tokenizer
 
-    if _canonical(model) == "smollm2-135m-instruct":
-        from alpaca_nb.models import embedded_model_dir
-
-        return AutoTokenizer.from_pretrained(embedded_model_dir())
-    return AutoTokenizer.from_pretrained(model)
+    return load_tokenizer(None if _canonical(model) == "smollm2-135m-instruct" else model)  # None = embedded
 
 
 def count_tokens(text: str, model: str) -> int:
@@ -225,6 +221,11 @@ class Ledger:
     @property
     def total_usd(self) -> float:
         return sum(entry.cost_usd for entry in self.entries)
+
+    @property
+    def total_tokens(self) -> int:
+        """Return the prompt plus completion tokens of every recorded attempt."""
+        return sum(entry.prompt_tokens + entry.completion_tokens for entry in self.entries)
 
     def frame(self) -> pd.DataFrame:
         """Return every entry as a row."""

@@ -1,16 +1,19 @@
-"""Append-only JSONL files that survive SIGKILL: whole-line flushed writes, torn tails repaired on read.
+"""Files that survive SIGKILL: append-only JSONL (whole-line flushed writes, torn tails repaired on read)
+and whole files replaced atomically.
 
-Shared by the generation run (generated.jsonl, requests.jsonl) and the ledger (ledger.jsonl).
+Shared by the generation run (generated.jsonl, requests.jsonl), the ledger (ledger.jsonl), the SFT
+exporters and the training run's loss_curve.json.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["append_records", "read_records"]
+__all__ = ["append_records", "read_records", "write_text_atomically"]
 
 
 def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -42,3 +45,14 @@ def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
         handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Return ``path`` after writing ``text`` there through a temporary file: a reader never sees half a file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(text)
+    os.replace(staging, target)
+    return target

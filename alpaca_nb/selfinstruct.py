@@ -193,6 +193,11 @@ class GenerationReport:
     spent_usd: float = 0.0
     stopped_reason: str = ""
 
+    @property
+    def keep_rate(self) -> float:
+        """Return the share of generated task blocks that ended up kept (0 before any block): chapter 3 prices it."""
+        return self.kept / self.counters["blocks"] if self.counters["blocks"] else 0.0
+
     def funnel(self) -> dict[str, int]:
         """Return generated blocks -> parsed -> passed filters -> kept, with the loss at each step."""
         counts = self.counters

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -27,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from alpaca_nb.data import AlpacaRecord, DataError, _jsonl_objects, load_alpaca_data
+from alpaca_nb.jsonl import write_text_atomically
 from alpaca_nb.models import generate_reply
 
 __all__ = [
@@ -439,22 +439,11 @@ def compare_replies(
 # --------------------------------------------------------------------------- files for other trainers
 
 
-def _write_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file: a crash never leaves half a dataset behind."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.replace(staging, target)
-    return target
-
-
 def export_stanford_json(records: Iterable[Any], path: str | os.PathLike) -> Path:
     """Return the path written: a JSON array of {"instruction", "input", "output"} like alpaca_data.json."""
     rows = [{"instruction": r.instruction, "input": r.input, "output": r.output} for r in records]
     # indent=4 as upstream's jdump; UTF-8 kept readable rather than \u-escaped (both parse the same).
-    return _write_atomically(path, json.dumps(rows, indent=4, ensure_ascii=False) + "\n")
+    return write_text_atomically(path, json.dumps(rows, indent=4, ensure_ascii=False) + "\n")
 
 
 def import_stanford_json(path: str | os.PathLike, *, allow_empty_output: bool = False) -> list[AlpacaRecord]:
@@ -465,7 +454,7 @@ def import_stanford_json(path: str | os.PathLike, *, allow_empty_output: bool = 
 def export_trl_jsonl(records: Iterable[Any], path: str | os.PathLike) -> Path:
     """Return the path written: TRL prompt-completion rows, one JSON object a line (``load_dataset("json")``)."""
     rows = to_trl_prompt_completion(records)
-    return _write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def import_trl_jsonl(path: str | os.PathLike) -> list[AlpacaRecord]:

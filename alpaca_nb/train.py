@@ -28,6 +28,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils.import_utils import is_in_notebook
 
 from alpaca_nb.data import load_alpaca_data
+from alpaca_nb.jsonl import write_text_atomically
 from alpaca_nb.models import load_model
 from alpaca_nb.sft import (
     AlpacaCollator, SFTReport, build_dataset, enable_packed_attention, ensure_pad_token, padding_free_collator,
@@ -457,7 +458,6 @@ def train(config: TrainConfig) -> TrainResult:
 
 def _write_loss_curve(result: TrainResult, config: TrainConfig) -> Path:
     path = Path(config.output_dir) / LOSS_CURVE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
     report = {key: value for key, value in asdict(result.data_report).items() if not key.endswith("_indices")}
     payload = {
         "loss_curve": [[step, loss] for step, loss in result.loss_curve],
@@ -474,10 +474,7 @@ def _write_loss_curve(result: TrainResult, config: TrainConfig) -> Path:
         "data_report": report,
         "config": asdict(config),
     }
-    staging = path.with_suffix(".json.tmp")
-    staging.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    os.replace(staging, path)  # a reader never sees half a file
-    return path
+    return write_text_atomically(path, json.dumps(payload, indent=1) + "\n")
 
 
 def plot_loss_curve(result: TrainResult):

@@ -63,6 +63,7 @@ def test_ledger_sums_by_model_and_stage(tmp_path):
     by_model = ledger.summary("model")
     assert by_model.loc["gpt-4o-mini", "calls"] == 2 and by_model.loc["gpt-4o-mini", "retries"] == 1
     assert ledger.summary("stage").loc["judge", "cost_usd"] == pytest.approx(0.04)
+    assert ledger.total_tokens == 1500 + 0 + 2000  # the failed retry carried no tokens
 
 
 def test_ledger_survives_a_restart_and_a_torn_last_line(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from alpaca_nb.jsonl import append_records, read_records
+from alpaca_nb.jsonl import append_records, read_records, write_text_atomically
 
 
 def test_records_round_trip_with_line_numbers(tmp_path):
@@ -33,3 +33,10 @@ def test_a_corrupt_complete_line_names_file_and_line(tmp_path):
 
 def test_a_missing_file_has_no_records(tmp_path):
     assert read_records(tmp_path / "none.jsonl") == []
+
+
+def test_write_text_atomically_creates_folders_replaces_whole_and_leaves_no_staging_file(tmp_path):
+    path = tmp_path / "deep" / "curve.json"
+    assert write_text_atomically(path, "first\n") == path and path.read_text() == "first\n"
+    write_text_atomically(path, "second\n")
+    assert path.read_text() == "second\n" and [p.name for p in path.parent.iterdir()] == ["curve.json"]

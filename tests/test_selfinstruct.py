@@ -152,6 +152,16 @@ def test_plots_draw_the_funnel_and_histograms():
     assert [text.get_text() for text in figure.axes[0].get_legend().get_texts()][:2] == ["ours (n=0)", "theirs (n=2)"]
 
 
+def test_keep_rate_is_kept_over_generated_blocks_and_zero_before_any_block():
+    from collections import Counter
+    from pathlib import Path
+
+    from alpaca_nb.selfinstruct import GenerationReport
+
+    assert GenerationReport(Path("."), kept=2, counters=Counter(blocks=10, malformed=5)).keep_rate == 0.2
+    assert GenerationReport(Path(".")).keep_rate == 0.0
+
+
 def test_cluster_teacher_is_the_named_remote_chat_endpoint():
     from alpaca_nb.profiles import load_profile
     from alpaca_nb.selfinstruct import teacher_endpoint
