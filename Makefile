@@ -22,33 +22,82 @@ ifneq ($(wildcard $(SHARED_DATA)/upstream/seed_tasks.jsonl),)
 export ALPACA_NB_DATA_DIR := $(abspath $(SHARED_DATA)/upstream)
 endif
 endif
-ifeq ($(origin TIKTOKEN_CACHE_DIR), undefined)
+# `alpaca-nb prepare` installs offline tiktoken encodings into the package's user cache when given a folder of them.
 ifneq ($(wildcard $(SHARED_DATA)/tiktoken/p50k_base.tiktoken),)
-export TIKTOKEN_CACHE_DIR := $(abspath .cache/tiktoken)
-endif
+PREPARE_ARGS ?= --tiktoken-from $(abspath $(SHARED_DATA)/tiktoken)
 endif
 # The notebook kernel is started as `python`: make it the venv's.
 export PATH := $(BIN):$(PATH)
 
 SETUP_STAMP := $(VENV)/.setup-done
+# The exact versions the test suite last passed with (pip-tools over pyproject.toml; `make lock` renews it).
+# The set-up installs them by default; `make setup FRESH=1` (or book/test) resolves the newest allowed instead.
+LOCK := requirements.lock
+LOCK_TOOL := pip-tools==7.5.2
+ifeq ($(FRESH),1)
+LOCK_CONSTRAINT :=
+else
+LOCK_CONSTRAINT := -c $(LOCK)
+endif
 
-.PHONY: book test setup build check-book tiktoken-cache clean
+# The embedded teacher: llama.cpp's own `llama-server` (parallel slots, continuous batching, GBNF
+# grammars), built once from the llama.cpp tree vendored in the llama-cpp-python 0.3.36 sdist,
+# fetched by pip and checked against its sha256. CPU flags are explicit and portable: llama.cpp's
+# default GGML_NATIVE=ON enables whatever the build machine advertises (AMX on recent Xeons, which a
+# VM may advertise and then refuse with SIGILL). Override LLAMA_CPU_FLAGS for another CPU class;
+# changing any flag builds into a new folder, so it rebuilds.
+LLAMA_CPP_SDIST := llama-cpp-python==0.3.36
+LLAMA_CPP_SDIST_SHA256 := 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CPU_FLAGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+else
+LLAMA_CPU_FLAGS ?= -DGGML_NATIVE=OFF
+endif
+LLAMA_BUILD_FLAGS := $(LLAMA_CPU_FLAGS) -DBUILD_SHARED_LIBS=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release
+LLAMA_CACHE := .cache/llama.cpp
+LLAMA_SOURCE := $(LLAMA_CACHE)/llama_cpp_python-0.3.36/vendor/llama.cpp
+LLAMA_BUILD := $(LLAMA_CACHE)/build-$(shell printf %s "$(LLAMA_BUILD_FLAGS)" | sha1sum | cut -c1-12)
+LLAMA_SERVER := $(BIN)/llama-server
+
+.PHONY: book test setup build check-book lock clean
 
 book: setup build check-book
 
 test: setup
 	$(BIN)/python -m pytest
 
-setup: $(SETUP_STAMP) _widgets_js/embed.js tiktoken-cache
-	$(BIN)/alpaca-nb prepare
+setup: $(SETUP_STAMP) $(LLAMA_SERVER) _widgets_js/embed.js
+	$(BIN)/alpaca-nb prepare $(PREPARE_ARGS)
 
-$(SETUP_STAMP): pyproject.toml
+$(SETUP_STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[book,dev,server]"
+	$(BIN)/python -m pip install -q $(LOCK_CONSTRAINT) -e ".[book,dev]"
 	# The wheel's declared dependencies (the `llm` CLI) are not needed to read its GGUF file.
 	$(BIN)/python -m pip install -q --no-deps "$(EMBEDDED_MODEL_SPEC)"
 	touch $@
+
+$(LLAMA_CACHE)/llama_cpp_python-0.3.36/.unpacked:
+	mkdir -p $(LLAMA_CACHE)
+	printf '%s --hash=sha256:%s\n' "$(LLAMA_CPP_SDIST)" "$(LLAMA_CPP_SDIST_SHA256)" > $(LLAMA_CACHE)/sdist.txt
+	$(PYTHON) -m pip download -q --no-deps --no-binary :all: --require-hashes -r $(LLAMA_CACHE)/sdist.txt -d $(LLAMA_CACHE)
+	tar -xzf $(LLAMA_CACHE)/llama_cpp_python-0.3.36.tar.gz -C $(LLAMA_CACHE)
+	touch $@
+
+$(LLAMA_BUILD)/bin/llama-server: $(LLAMA_CACHE)/llama_cpp_python-0.3.36/.unpacked
+	cmake -S $(LLAMA_SOURCE) -B $(LLAMA_BUILD) $(LLAMA_BUILD_FLAGS) > $(LLAMA_BUILD).configure.log
+	@echo "building llama-server with $(LLAMA_CPU_FLAGS) (about 10 minutes on 2 cores; log: $(LLAMA_BUILD).log)"
+	cmake --build $(LLAMA_BUILD) --target llama-server -j$$(nproc) > $(LLAMA_BUILD).log 2>&1 || { tail -30 $(LLAMA_BUILD).log; exit 1; }
+
+# The package finds `llama-server` beside the venv's python (or $$ALPACA_NB_LLAMA_SERVER).
+$(LLAMA_SERVER): $(LLAMA_BUILD)/bin/llama-server | $(SETUP_STAMP)
+	cp $< $@
+	printf '{"source": "%s", "sha256": "%s", "cmake_flags": "%s"}\n' "$(LLAMA_CPP_SDIST) vendor/llama.cpp" \
+	  "$(LLAMA_CPP_SDIST_SHA256)" "$(LLAMA_BUILD_FLAGS)" > $@.build.json
+
+.PHONY: llama-server
+llama-server: $(LLAMA_SERVER)
 
 # Widget JavaScript for offline static pages (see _config.yml), checked against npm's published sha1.
 _widgets_js/embed.js:
@@ -58,15 +107,15 @@ _widgets_js/embed.js:
 	tar -xzf .cache/html-manager/package.tgz -C .cache/html-manager
 	cd .cache/html-manager/package/dist && cp embed.js embed.js.LICENSE.txt [0-9]*.embed.js *.woff *.woff2 *.ttf *.eot *.svg "$(CURDIR)/_widgets_js/"
 
-tiktoken-cache:
-ifneq ($(wildcard $(SHARED_DATA)/tiktoken/p50k_base.tiktoken),)
-	@mkdir -p "$(TIKTOKEN_CACHE_DIR)"
-	@# tiktoken names each cached file by the sha1 of its download URL; copies, because it deletes a bad cache file.
-	@for name in r50k_base p50k_base cl100k_base o200k_base; do \
-	  key=$$(printf %s "https://openaipublic.blob.core.windows.net/encodings/$$name.tiktoken" | sha1sum | cut -d' ' -f1); \
-	  test -f "$(TIKTOKEN_CACHE_DIR)/$$key" || cp "$(SHARED_DATA)/tiktoken/$$name.tiktoken" "$(TIKTOKEN_CACHE_DIR)/$$key"; \
-	done
-endif
+# Renew the lock after changing pyproject.toml, then run `make test FRESH=1` and commit both. torch stays out of
+# the lock (TORCH_SPEC pins it: the CPU wheel here, the CUDA wheel of the same version on a cluster).
+lock:
+	rm -rf .cache/lock-tools && $(PYTHON) -m venv .cache/lock-tools
+	.cache/lock-tools/bin/python -m pip install -q "$(LOCK_TOOL)"
+	printf '%s\n' "$(TORCH_SPEC)" > .cache/lock-tools/torch.txt
+	.cache/lock-tools/bin/pip-compile -q --strip-extras --extra book --extra dev -c .cache/lock-tools/torch.txt \
+	  --unsafe-package torch --no-emit-find-links --no-emit-index-url --no-emit-trusted-host \
+	  -o $(LOCK) pyproject.toml
 
 build:
 	$(BIN)/jupyter-book build . --all -W --keep-going

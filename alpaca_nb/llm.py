@@ -12,19 +12,22 @@ of completions, so every call goes through :class:`Endpoint`, which
   is what the cost and throughput tables of the chapter are built from;
 * never puts the API key in a message, repr or record.
 
-:func:`local_server` starts the embedded SmolLM2-135M-Instruct GGUF behind llama.cpp's
-OpenAI-compatible server, so the whole pipeline runs offline; :func:`serve` runs it in the foreground.
-The llama.cpp server answers one prompt per request (``n`` > 1 is ignored, prompt lists fail), so
-throughput comes from concurrent requests, e.g. ``asyncio.gather`` over :meth:`Endpoint.acomplete`.
+:func:`local_server` starts the embedded SmolLM2-135M-Instruct GGUF behind llama.cpp's own
+``llama-server`` (built by the set-up with portable CPU flags), so the whole pipeline runs offline;
+:func:`serve` runs it in the foreground. The server decodes several requests at once in parallel
+slots (continuous batching), so throughput comes from concurrent requests, e.g. ``asyncio.gather``
+over :meth:`Endpoint.acomplete`. If the server process dies, calls to it raise
+:class:`ServerExitedError` at once instead of retrying a closed port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
+import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,8 +54,11 @@ __all__ = [
     "Endpoint",
     "LLMError",
     "LocalServer",
+    "ServerExitedError",
+    "llama_server_binary",
     "local_server",
     "serve",
+    "server_build_info",
 ]
 
 LOCAL_MODEL_ALIAS = "smollm2-135m-instruct"
@@ -265,9 +271,12 @@ class _Call:
     def failed(self, exc: Exception) -> float:
         """Record a failed attempt; return the wait before the next one, or raise when there is none."""
         failure = _classify(exc)
-        final = not failure.retryable or self.attempt > self.endpoint.max_retries
+        exited = _exited_server_message(self.endpoint.base_url) if failure.retryable else None
+        final = exited is not None or not failure.retryable or self.attempt > self.endpoint.max_retries
         self._record("error" if final else "retry", failure.status, failure.error,
                      time.monotonic() - self.attempt_started, failure.request_id)
+        if exited is not None:
+            raise ServerExitedError(f"{self.endpoint.model} at {self.endpoint.base_url}: {exited}") from None
         if final:
             raise self._final_error(failure) from None  # the cause may quote the key: keep it out of tracebacks
         if failure.retry_after_s is not None:
@@ -292,8 +301,9 @@ class _Call:
         detail = f": {failure.detail}" if failure.detail else ""
         if not failure.retryable:
             return LLMError(endpoint._scrub(f"{where}: HTTP {failure.error}{detail} (not retried)"))
+        hint = " (is a server listening there? check the base URL)" if failure.error.startswith("connection") else ""
         return LLMError(endpoint._scrub(f"{where}: gave up after {self.attempt} attempts; "
-                                        f"last error: {failure.error}{detail}"))
+                                        f"last error: {failure.error}{detail}{hint}"))
 
 
 def _request_arguments(model: str, api: str, prompt: str | list[dict], sampling: dict[str, Any]) -> dict[str, Any]:
@@ -389,7 +399,11 @@ def _backoff_s(attempt: int, base: float, cap: float) -> float:
     return random.uniform(0.0, min(cap, base * 2 ** (attempt - 1)))
 
 
-# -- the embedded model behind llama.cpp's OpenAI-compatible server ------------------------------
+# -- the embedded model behind llama.cpp's own OpenAI-compatible server ----------------------------
+
+
+class ServerExitedError(LLMError):
+    """The local llama.cpp server process is gone (crashed, killed, out of memory): retrying cannot help."""
 
 
 @dataclass(frozen=True)
@@ -399,6 +413,76 @@ class LocalServer:
     base_url: str
     model: str
     pid: int
+    log_path: Path
+
+
+class _ServerProcess:
+    """A started server process and its log, so that a failed call can tell a dead server from a slow one."""
+
+    def __init__(self, process: subprocess.Popen, log: Path) -> None:
+        self.process, self.log = process, log
+
+    def exit_message(self) -> str | None:
+        """Return why the process is gone (exit code or signal, the log's path and tail), or None while it runs."""
+        code = self.process.poll()
+        if code is None:
+            return None
+        return (f"the local llama.cpp server (pid {self.process.pid}) exited: {_describe_exit(code)}; "
+                f"its log is {self.log}; last lines:\n{_log_tail(self.log)}")
+
+
+# base_url -> the process serving it; Endpoint consults it when a call to that URL fails.
+_LOCAL_SERVERS: dict[str, _ServerProcess] = {}
+
+
+def _exited_server_message(base_url: str | None) -> str | None:
+    server = _LOCAL_SERVERS.get(base_url or "")
+    return server.exit_message() if server is not None else None
+
+
+def _describe_exit(code: int) -> str:
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    hints = {
+        "SIGILL": " (an instruction this CPU refuses: rebuild llama-server with other CPU flags, "
+                  "`make llama-server LLAMA_CPU_FLAGS=...`; see the README)",
+        "SIGKILL": " (killed: by a user, or by the kernel when memory ran out)",
+    }
+    return f"killed by {name}{hints.get(name, '')}"
+
+
+def llama_server_binary() -> Path:
+    """Return the ``llama-server`` executable: ``$ALPACA_NB_LLAMA_SERVER``, beside this Python, or on PATH."""
+    override = os.environ.get("ALPACA_NB_LLAMA_SERVER")
+    if override:
+        path = Path(override).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise LLMError(f"$ALPACA_NB_LLAMA_SERVER={override}: not an executable file")
+        return path
+    beside_python = Path(sys.executable).parent / "llama-server"
+    if beside_python.is_file() and os.access(beside_python, os.X_OK):
+        return beside_python
+    on_path = shutil.which("llama-server")
+    if on_path:
+        return Path(on_path)
+    raise LLMError("llama.cpp's llama-server is not built: run `make llama-server` (or `make setup`) in the "
+                   "alpaca-nb checkout, about 10 minutes, or point $ALPACA_NB_LLAMA_SERVER at a llama-server binary")
+
+
+def server_build_info(binary: Path | None = None) -> dict[str, str]:
+    """Return how ``llama-server`` was built (source, sha256, CMake flags) from the file the set-up wrote beside it."""
+    binary = binary or llama_server_binary()
+    info = binary.with_name(binary.name + ".build.json")
+    if not info.is_file():
+        return {}
+    try:
+        return json.loads(info.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 @contextlib.contextmanager
@@ -406,54 +490,70 @@ def local_server(
     gguf: str | Path | None = None,
     host: str = "127.0.0.1",
     port: int | None = None,
-    n_ctx: int = 4096,
+    n_ctx: int | None = None,
+    parallel: int | None = None,
     startup_timeout: float = 120.0,
     log_path: Path | None = None,
 ) -> Iterator[LocalServer]:
-    """Run llama.cpp's server on ``gguf`` (default: the embedded SmolLM2) for the ``with`` block.
+    """Run llama.cpp's ``llama-server`` on ``gguf`` (default: the embedded SmolLM2) for the ``with`` block.
 
-    ``port=None`` picks a free port. The server's output goes to ``log_path`` (a temporary file,
-    removed afterwards, when None); its last lines are in the LLMError raised when it fails to start.
+    ``parallel`` slots share ``n_ctx`` tokens of context (each slot gets ``n_ctx / parallel``); both
+    default to the profile's ``server_parallel`` and ``server_context``. ``port=None`` picks a free
+    port. The server's output goes to ``log_path`` (a temporary file when None, removed afterwards
+    unless the server died). If the process exits while the block runs, calls to it raise
+    :class:`ServerExitedError` at once, naming the exit and the log.
     """
-    with _running_server(gguf, host, port, n_ctx, startup_timeout, log_path) as (server, _process):
+    with _running_server(gguf, host, port, n_ctx, parallel, startup_timeout, log_path) as (server, _process):
         yield server
 
 
-def serve(gguf: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = 4096) -> int:
+def serve(gguf: str | Path | None = None, host: str = "127.0.0.1", port: int = 8000, n_ctx: int | None = None,
+          parallel: int | None = None) -> int:
     """Run the local server in the foreground until Ctrl-C; return 0, or the server's exit code if it died."""
-    with _running_server(gguf, host, port, n_ctx, 120.0, None) as (server, process):
+    with _running_server(gguf, host, port, n_ctx, parallel, 120.0, None) as (server, process):
         print(f"Serving {server.model!r} at {server.base_url} (OpenAI-compatible). Press Ctrl-C to stop.", flush=True)
         try:
-            return process.wait()
+            code = process.wait()
         except KeyboardInterrupt:
             return 0
+        print(_ServerProcess(process, server.log_path).exit_message(), file=sys.stderr)
+        return code if code > 0 else 1
 
 
 @contextlib.contextmanager
-def _running_server(gguf: str | Path | None, host: str, port: int | None, n_ctx: int, startup_timeout: float,
-                    log_path: Path | None) -> Iterator[tuple[LocalServer, subprocess.Popen]]:
+def _running_server(gguf: str | Path | None, host: str, port: int | None, n_ctx: int | None, parallel: int | None,
+                    startup_timeout: float, log_path: Path | None) -> Iterator[tuple[LocalServer, subprocess.Popen]]:
     model_path = _model_path(gguf)
-    _require_llama_cpp_server()
+    binary = llama_server_binary()
+    if n_ctx is None or parallel is None:
+        from alpaca_nb.profiles import current_profile
+
+        profile = current_profile()
+        n_ctx = profile.server_context if n_ctx is None else n_ctx
+        parallel = profile.server_parallel if parallel is None else parallel
     port = port or _free_port(host)
     log = Path(log_path) if log_path is not None else _temporary_log()
     log.parent.mkdir(parents=True, exist_ok=True)
-    # llama-cpp-python's default prompt-processing threads (all cores) spin-wait against any other busy
-    # process and then stall for seconds on a small machine; half the cores for both phases does not.
-    threads = str(max(1, (os.cpu_count() or 2) // 2))
-    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(model_path),
-               "--model_alias", LOCAL_MODEL_ALIAS, "--host", host, "--port", str(port), "--n_ctx", str(n_ctx),
-               "--n_threads", threads, "--n_threads_batch", threads]
+    command = [str(binary), "--model", str(model_path), "--alias", LOCAL_MODEL_ALIAS, "--host", host,
+               "--port", str(port), "--ctx-size", str(n_ctx), "--parallel", str(parallel),
+               "--threads", str(os.cpu_count() or 1), "--no-webui"]
     with open(log, "ab") as log_file:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     # A server bound to every interface is still reached through the loopback address.
     client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    server = LocalServer(base_url=f"http://{client_host}:{port}/v1", model=LOCAL_MODEL_ALIAS, pid=process.pid)
+    server = LocalServer(base_url=f"http://{client_host}:{port}/v1", model=LOCAL_MODEL_ALIAS, pid=process.pid,
+                         log_path=log)
+    watched = _ServerProcess(process, log)
+    died = False
     try:
-        _wait_until_ready(server, process, log, startup_timeout)
+        _wait_until_ready(server, watched, startup_timeout)
+        _LOCAL_SERVERS[server.base_url] = watched
         yield server, process
     finally:
+        _LOCAL_SERVERS.pop(server.base_url, None)
+        died = process.poll() is not None
         _stop(process)
-        if log_path is None:
+        if log_path is None and not died:  # a crashed server's log is named in the error: keep it
             log.unlink(missing_ok=True)
 
 
@@ -468,12 +568,6 @@ def _model_path(gguf: str | Path | None) -> Path:
     return path
 
 
-def _require_llama_cpp_server() -> None:
-    if importlib.util.find_spec("llama_cpp") is None:
-        raise LLMError("llama-cpp-python is not installed: run `pip install -e '.[server]'` "
-                       "(or `make setup`); it compiles llama.cpp, about 6 minutes")
-
-
 def _free_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host if host not in ("", "::") else "0.0.0.0", 0))
@@ -486,24 +580,25 @@ def _temporary_log() -> Path:
     return Path(name)
 
 
-def _wait_until_ready(server: LocalServer, process: subprocess.Popen, log: Path, timeout: float) -> None:
-    """Poll ``GET /v1/models`` until it answers 200; raise LLMError if the process dies or time runs out."""
+def _wait_until_ready(server: LocalServer, watched: _ServerProcess, timeout: float) -> None:
+    """Poll ``GET /health`` until it answers 200 (the model is loaded); raise LLMError if the process dies or time runs out."""
     # No proxies: a corporate HTTP_PROXY must not intercept a request to our own loopback server.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    health = server.base_url.removesuffix("/v1") + "/health"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise LLMError(f"the llama.cpp server exited with code {process.returncode} before answering; "
-                           f"last lines of its log ({log}):\n{_log_tail(log)}")
+        exited = watched.exit_message()
+        if exited is not None:
+            raise ServerExitedError(f"{exited}\n(it never answered {health})")
         try:
-            with opener.open(f"{server.base_url}/models", timeout=2) as response:
+            with opener.open(health, timeout=2) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):
-            pass  # not listening yet
+            pass  # not listening yet, or 503 while the model loads
         time.sleep(0.1)
-    raise LLMError(f"the llama.cpp server did not answer {server.base_url}/models within {timeout:g} s; "
-                   f"last lines of its log ({log}):\n{_log_tail(log)}")
+    raise LLMError(f"the llama.cpp server did not answer {health} within {timeout:g} s; "
+                   f"last lines of its log ({server.log_path}):\n{_log_tail(server.log_path)}")
 
 
 def _log_tail(log: Path, lines: int = 20) -> str:

@@ -32,6 +32,8 @@ class Profile:
     table_rows: int
     teacher_base_url: str
     teacher_model: str
+    server_parallel: int
+    server_context: int
     generate_instructions: int
     generate_max_requests: int
     generate_max_tokens: int

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from alpaca_nb.costs import BudgetExceeded, Ledger, count_tokens
 from alpaca_nb.data import load_prompt_template, load_seed_tasks
 from alpaca_nb.jsonl import append_records, read_records
-from alpaca_nb.llm import AuthenticationError, CallRecord, Endpoint, LLMError, local_server
+from alpaca_nb.llm import AuthenticationError, CallRecord, Endpoint, LLMError, ServerExitedError, local_server
 from alpaca_nb.rouge import RougeLFilter
 
 __all__ = [
@@ -192,6 +192,7 @@ class GenerationReport:
     counters: Counter = field(default_factory=Counter)  # blocks, malformed, truncated, each filter reason, near_duplicate
     spent_usd: float = 0.0
     stopped_reason: str = ""
+    last_error: str | None = None  # the last request that failed after its retries, for the stop message
 
     @property
     def keep_rate(self) -> float:
@@ -361,8 +362,9 @@ async def _drive(run: _Run, limits: _Limits, progress: bool) -> None:
             finished, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
             for task in finished:
                 consecutive_failures = 0 if task.result() else consecutive_failures + 1
-            if consecutive_failures >= limits.max_failures:
-                run.report.stopped_reason = f"stopped: {consecutive_failures} requests in a row failed after retries"
+            if consecutive_failures >= limits.max_failures and not run.report.stopped_reason:
+                run.report.stopped_reason = (f"stopped: {consecutive_failures} requests in a row failed after retries; "
+                                             f"the last: {run.report.last_error}")
             bar.n = min(run.report.kept, target)
             bar.set_postfix(_postfix(run), refresh=True)
     finally:
@@ -393,11 +395,12 @@ async def _request(run: _Run, request: int, prompt: Any, reservation: float) -> 
     try:
         completion = await run.endpoint.acomplete(prompt, seed=run.seed * 1_000_003 + request,
                                                   **run.sampling.request_args())
-    except AuthenticationError as error:
+    except (AuthenticationError, ServerExitedError) as error:  # no later request can succeed
         run.report.stopped_reason = f"stopped: {error}"
         return False
-    except LLMError:
+    except LLMError as error:
         run.report.failed_requests += 1
+        run.report.last_error = str(error)
         return False
     finally:
         run.ledger.release(reservation)

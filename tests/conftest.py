@@ -18,9 +18,11 @@ sys.path.insert(0, str(TESTS))
 # defaults to ../shared/data/upstream). Without it the loaders download the pinned files.
 if not os.environ.get("ALPACA_NB_DATA_DIR") and SHARED_UPSTREAM.is_dir():
     os.environ["ALPACA_NB_DATA_DIR"] = str(SHARED_UPSTREAM)
-# Offline tiktoken encodings: `make` fills .cache/tiktoken from ../shared/data/tiktoken.
-if not os.environ.get("TIKTOKEN_CACHE_DIR") and (TESTS.parent / ".cache" / "tiktoken").is_dir():
-    os.environ["TIKTOKEN_CACHE_DIR"] = str(TESTS.parent / ".cache" / "tiktoken")
+# tiktoken's encodings: `alpaca-nb prepare` installed them in the user cache. Fixed for the session
+# here, so that a test which points the user cache at an empty folder does not lose them.
+from alpaca_nb.costs import tiktoken_cache  # noqa: E402
+
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(tiktoken_cache()))
 
 
 @pytest.fixture(scope="session")

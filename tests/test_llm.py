@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
+import subprocess
+import threading
+import time
 import traceback
+import urllib.request
 
 import pytest
 
-from alpaca_nb.llm import AuthenticationError, CallRecord, Endpoint, LLMError, local_server
+from alpaca_nb.llm import (AuthenticationError, CallRecord, Endpoint, LLMError, ServerExitedError, llama_server_binary,
+                           local_server, server_build_info)
+from alpaca_nb.profiles import current_profile
 
 FAKE_KEY = "sk-test-SECRET123"
 
@@ -150,7 +158,7 @@ def test_401_fails_at_once_without_revealing_the_key(fault_proxy, llama_server, 
 
 def test_404_is_not_retried(llama_server):
     records: list[CallRecord] = []
-    wrong_path = llama_server.base_url.removesuffix("/v1")  # POST /chat/completions does not exist
+    wrong_path = llama_server.base_url + "/no-such-api"  # POST /v1/no-such-api/chat/completions does not exist
     endpoint = make_endpoint(wrong_path, llama_server.model, records)
     with pytest.raises(LLMError, match="HTTP 404 Not Found") as caught:
         endpoint.complete("Say hello.", max_tokens=4)
@@ -209,6 +217,70 @@ def test_local_server_rejects_a_missing_model_file(tmp_path):
 def test_local_server_reports_the_log_when_the_server_dies(tmp_path):
     not_a_model = tmp_path / "junk.gguf"
     not_a_model.write_bytes(b"this is not a GGUF file")
-    with pytest.raises(LLMError, match="exited with code .* last lines of its log"):
+    with pytest.raises(ServerExitedError, match="exited: exit code 1; its log is .*last lines"):
         with local_server(not_a_model, startup_timeout=60):
             pass
+
+
+def test_a_server_killed_during_a_request_is_reported_as_dead_at_once(tmp_path):
+    """SIGKILL the real server by its pid while a long completion is in flight."""
+    log = tmp_path / "server.log"
+    records: list[CallRecord] = []
+    with local_server(log_path=log) as server:
+        endpoint = make_endpoint(server.base_url, server.model, records, max_retries=5, backoff_base=1.0)
+        caught: list[BaseException] = []
+
+        def long_request() -> None:
+            try:
+                endpoint.complete("Write a long story about a dragon.", max_tokens=1500, temperature=0)
+            except BaseException as error:  # noqa: BLE001 - handed to the test thread
+                caught.append(error)
+
+        worker = threading.Thread(target=long_request)
+        worker.start()
+        time.sleep(1.0)  # the request is being decoded
+        os.kill(server.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        worker.join(timeout=30)
+        assert not worker.is_alive()
+        assert time.monotonic() - killed_at < 5  # no retries with backoff against the closed port
+        [error] = caught
+        assert isinstance(error, ServerExitedError)
+        assert f"(pid {server.pid}) exited: killed by SIGKILL" in str(error) and str(log) in str(error)
+        assert [record.outcome for record in records] == ["error"]
+        # The next call fails the same way, at once, instead of retrying a port that nobody opens again.
+        with pytest.raises(ServerExitedError, match="killed by SIGKILL"):
+            endpoint.complete("Say hello.", max_tokens=4)
+    assert log.is_file()
+
+
+def test_a_crashing_server_binary_is_reported_with_its_signal(tmp_path, monkeypatch):
+    """A stand-in binary that dies of SIGILL on start, as a natively built llama.cpp did on an AMX VM."""
+    crashing = tmp_path / "llama-server"
+    crashing.write_text("#!/bin/sh\necho 'pretending to load'\nkill -ILL $$\n")
+    crashing.chmod(0o755)
+    monkeypatch.setenv("ALPACA_NB_LLAMA_SERVER", str(crashing))
+    with pytest.raises(ServerExitedError, match=r"killed by SIGILL \(an instruction this CPU refuses.*LLAMA_CPU_FLAGS"):
+        with local_server(startup_timeout=30):
+            pass
+
+
+def test_the_server_has_the_profiles_parallel_slots(llama_server):
+    profile = current_profile()
+    with urllib.request.urlopen(llama_server.base_url.removesuffix("/v1") + "/props", timeout=10) as response:
+        properties = json.load(response)
+    assert properties["total_slots"] == profile.server_parallel
+
+
+def test_the_built_server_holds_no_amx_instruction():
+    """Portable flags: an AMX tile instruction would die with SIGILL where a VM advertises AMX but refuses it."""
+    binary = llama_server_binary()
+    disassembly = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(binary)], capture_output=True,
+                                 text=True, check=True).stdout
+    assert disassembly.count("\n") > 100_000  # really disassembled: ggml's kernels are in this one file
+    amx = [line for line in disassembly.splitlines() if any(op in line for op in ("tilezero", "ldtilecfg", "tdpb"))]
+    assert amx == [], amx[:5]
+    # ggml is linked statically, so no shared library escapes the check.
+    linked = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False).stdout
+    assert "ggml" not in linked and "llama" not in linked
+    assert "-DGGML_NATIVE=OFF" in server_build_info(binary).get("cmake_flags", "")
