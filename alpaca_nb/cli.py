@@ -104,9 +104,12 @@ def _generate(args: argparse.Namespace) -> int:
     import contextlib
 
     from alpaca_nb.llm import Endpoint, local_server
-    from alpaca_nb.selfinstruct import SamplingSettings, generate
+    from alpaca_nb.selfinstruct import SamplingSettings, format_constraint, generate
 
     sampling = SamplingSettings(max_tokens=args.max_tokens)
+    # The embedded 135M teacher loses the block layout within a few tasks; a real API teacher is upstream's case.
+    output_format = args.format or ("upstream" if args.base_url else "grammar")
+    constraint = format_constraint(output_format, sampling.num_prompt_instructions)
     with contextlib.ExitStack() as stack:
         base_url, model = args.base_url, args.model
         if base_url is None:
@@ -119,7 +122,7 @@ def _generate(args: argparse.Namespace) -> int:
         endpoint = Endpoint(base_url, model, api=args.api, timeout=args.timeout)
         report = generate(endpoint, args.num_instructions, args.out, budget_usd=args.budget_usd,
                           concurrency=args.concurrency, seed=args.seed, sampling=sampling, price_as=args.price_as,
-                          max_requests=args.max_requests)
+                          max_requests=args.max_requests, constraint=constraint)
     print(f"{report.stopped_reason}\nkept {report.kept} instructions in {report.out_dir / 'generated.jsonl'} "
           f"from {report.requests} requests; spent ${report.spent_usd:.4f}")
     for stage, count in report.funnel().items():
@@ -163,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     gen.add_argument("--price-as", default=None, help="price calls as this model (for self-hosted models)")
     gen.add_argument("--max-requests", type=int, default=None, help="stop after this many finished requests")
+    gen.add_argument("--format", choices=["upstream", "grammar", "json_schema"], default=None,
+                     help="upstream: unconstrained, as Alpaca ran; grammar: a GBNF grammar fixes the block layout "
+                          "(llama.cpp servers); json_schema: structured outputs (APIs that offer them). Default: "
+                          "grammar for the embedded server, upstream with --base-url")
     gen.set_defaults(run=_generate)
     # Listed for --help only: main() hands `alpaca-nb train ...` to alpaca_nb.train's own parser.
     commands.add_parser("train", help="fine-tune on Alpaca data (options: alpaca-nb train --help)", add_help=False)

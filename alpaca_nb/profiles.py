@@ -37,6 +37,7 @@ class Profile:
     generate_instructions: int
     generate_max_requests: int
     generate_max_tokens: int
+    generate_format: str
     generate_concurrency: int
     generate_budget_usd: float
     ledger_requests: int

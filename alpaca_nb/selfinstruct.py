@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import os
 import random
 import re
@@ -32,6 +33,8 @@ __all__ = [
     "BLACKLIST",
     "FILTER_REASONS",
     "Candidate",
+    "FORMATS",
+    "FormatConstraint",
     "GenerationReport",
     "ParsedBlocks",
     "PromptPrice",
@@ -41,6 +44,7 @@ __all__ = [
     "encode_completion",
     "encode_prompt",
     "filter_reason",
+    "format_constraint",
     "generate",
     "max_similarities",
     "parse_completion",
@@ -101,23 +105,36 @@ def _normalise_instruction(instruction: str) -> str:
 def encode_prompt(seed_examples: Sequence[Any], template: str | None = None) -> str:
     """Return the completion prompt: prompt.txt, numbered seed blocks separated by ###, then 'N. Instruction:'."""
     prompt = (load_prompt_template() if template is None else template) + "\n"
-    prompt += "".join("###\n" + _encode_block(number, example) for number, example in enumerate(seed_examples, start=1))
-    prompt += "###\n"
-    prompt += f"{len(seed_examples) + 1}. Instruction:"
+    prompt += "".join(f"{BLOCK_SEPARATOR}\n" + _encode_block(number, example)
+                      for number, example in enumerate(seed_examples, start=1))
+    prompt += f"{BLOCK_SEPARATOR}\n"
+    prompt += _header(len(seed_examples) + 1, FIELDS[0])
     return prompt
 
 
+# The block layout, shared by encode_prompt, parse_completion and the format constraints below.
+FIELDS = ("Instruction", "Input", "Output")
+BLOCK_SEPARATOR = "###"
+NO_INPUT = "<noinput>"
+
+
+def _header(number: int, field: str) -> str:
+    return f"{number}. {field}:"
+
+
 def _encode_block(number: int, example: Any) -> str:
-    task_input = example.input if example.input.strip() else "<noinput>"
-    return (f"{number}. Instruction: {_normalise_instruction(example.instruction)}\n"
-            f"{number}. Input:\n{task_input}\n"
-            f"{number}. Output:\n{example.output}\n")
+    task_input = example.input if example.input.strip() else NO_INPUT
+    instruction, input_field, output = (_header(number, field) for field in FIELDS)
+    return (f"{instruction} {_normalise_instruction(example.instruction)}\n"
+            f"{input_field}\n{task_input}\n"
+            f"{output}\n{example.output}\n")
 
 
 def encode_completion(examples: Sequence[Any], first_number: int = 4) -> str:
     """Return the completion a teacher would write for ``examples``: the text after 'N. Instruction:'."""
-    text = "###\n".join(_encode_block(number, example) for number, example in enumerate(examples, start=first_number))
-    return text.removeprefix(f"{first_number}. Instruction:")
+    text = f"{BLOCK_SEPARATOR}\n".join(_encode_block(number, example)
+                                       for number, example in enumerate(examples, start=first_number))
+    return text.removeprefix(_header(first_number, FIELDS[0]))
 
 
 def encode_chat_prompt(seed_examples: Sequence[Any], template: str | None = None) -> list[dict[str, str]]:
@@ -137,21 +154,101 @@ def parse_completion(text: str, num_prompt_instructions: int = 3, truncated: boo
     """
     first = num_prompt_instructions + 1
     body = str(text)
-    body = re.sub(rf"^\s*{first}\.\s+Instruction:", "", body, count=1)
-    blocks = re.split("###", f"{first}. Instruction:" + body)
+    body = re.sub(rf"^\s*{first}\.\s+{FIELDS[0]}:", "", body, count=1)
+    blocks = re.split(re.escape(BLOCK_SEPARATOR), _header(first, FIELDS[0]) + body)
     dropped_truncated = 0
     if truncated and blocks:
         blocks, dropped_truncated = blocks[:-1], 1
     candidates, malformed = [], 0
     for offset, block in enumerate(blocks):
-        parts = re.split(rf"{first + offset}\.\s+(Instruction|Input|Output):", block)
+        parts = re.split(rf"{first + offset}\.\s+({'|'.join(FIELDS)}):", block)
         if len(parts) != 7:
             malformed += bool(block.strip())  # an empty tail after the last ### is no block at all
             continue
         task_input = parts[4].strip()
-        candidates.append(Candidate(parts[2].strip(), "" if task_input.lower() == "<noinput>" else task_input,
+        candidates.append(Candidate(parts[2].strip(), "" if task_input.lower() == NO_INPUT else task_input,
                                     parts[6].strip()))
     return ParsedBlocks(candidates, malformed, dropped_truncated)
+
+
+# --------------------------------------------------------------------------- format constraints
+
+
+FORMATS = ("upstream", "grammar", "json_schema")
+
+
+@dataclass(frozen=True)
+class FormatConstraint:
+    """Constrains a teacher's completion to the self-instruct block layout, so that every block parses.
+
+    ``kind="grammar"``: a GBNF grammar sent to llama.cpp servers (``extra_body={"grammar": ...}``),
+    fixing the numbered headers and ``###`` separators of ``encode_prompt`` and leaving each field free
+    text on one line. ``kind="json_schema"``: OpenAI-style structured outputs (chat API), a list of
+    {instruction, input, output} objects, turned back into block text before parsing. Either way
+    ``blocks`` tasks follow the prompt's seeds, numbered from ``first_number`` (chapter 2).
+    Upstream sent no constraint; ``generate`` without one stays upstream-faithful.
+    """
+
+    kind: str = "grammar"
+    first_number: int = 4
+    blocks: int = 5
+    max_field_chars: int = 300
+
+    def __post_init__(self) -> None:
+        if self.kind not in FORMATS[1:]:
+            raise ValueError(f"kind={self.kind!r}: expected one of {FORMATS[1:]}")
+        if self.blocks < 1 or self.max_field_chars < 1:
+            raise ValueError("blocks and max_field_chars must be at least 1")
+
+    def grammar(self) -> str:
+        """Return the GBNF grammar of ``blocks`` blocks, the first one continuing after its prompt's header."""
+        numbers = range(self.first_number, self.first_number + self.blocks)
+        separator = _gbnf_literal(f"{BLOCK_SEPARATOR}\n")
+        rules = [f"root ::= {f' {separator} '.join(f'block{number}' for number in numbers)}"]
+        for number in numbers:
+            instruction, input_field, output = (_gbnf_literal(_header(number, field)) for field in FIELDS)
+            opening = '" "' if number == self.first_number else f'{instruction} " "'
+            rules.append(f'block{number} ::= {opening} field "\\n" {input_field} "\\n" field "\\n" '
+                         f'{output} "\\n" field "\\n"')
+        rules.append(f"field ::= [^\\n#] [^\\n#]{{0,{self.max_field_chars - 1}}}")
+        return "\n".join(rules) + "\n"
+
+    def json_schema(self) -> dict[str, Any]:
+        """Return the structured-output schema: an object holding exactly ``blocks`` tasks."""
+        task = {"type": "object", "additionalProperties": False, "required": ["instruction", "input", "output"],
+                "properties": {name: {"type": "string"} for name in ("instruction", "input", "output")}}
+        return {"type": "object", "additionalProperties": False, "required": ["tasks"],
+                "properties": {"tasks": {"type": "array", "items": task, "minItems": self.blocks,
+                                         "maxItems": self.blocks}}}
+
+    def request_args(self) -> dict[str, Any]:
+        """Return the extra arguments of the completion request that impose the constraint."""
+        if self.kind == "grammar":
+            return {"extra_body": {"grammar": self.grammar()}}
+        return {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "self_instruct_tasks", "strict": True, "schema": self.json_schema()}}}
+
+    def completion_text(self, text: str) -> str:
+        """Return the completion as block text for ``parse_completion`` (JSON tasks re-encoded; else as is)."""
+        if self.kind == "grammar":
+            return text
+        try:
+            tasks = [Candidate(str(task["instruction"]), str(task["input"]), str(task["output"]))
+                     for task in json.loads(text)["tasks"]]
+        except (ValueError, TypeError, KeyError):
+            return text  # not the schema's JSON (a truncated reply): parse_completion counts it malformed
+        return encode_completion(tasks, self.first_number)
+
+
+def format_constraint(name: str, num_prompt_instructions: int = 3) -> FormatConstraint | None:
+    """Return the constraint a format name asks for: None for "upstream", else a FormatConstraint."""
+    if name not in FORMATS:
+        raise ValueError(f"unknown output format {name!r}; choose one of {', '.join(FORMATS)}")
+    return None if name == "upstream" else FormatConstraint(name, first_number=num_prompt_instructions + 1)
+
+
+def _gbnf_literal(text: str) -> str:
+    return json.dumps(text)  # GBNF string literals escape like JSON strings
 
 
 def filter_reason(instruction: str) -> str | None:
@@ -212,8 +309,10 @@ class _Run:
     """State of one generation run over ``out_dir``, rebuilt from its files on restart."""
 
     def __init__(self, endpoint: Endpoint, out_dir: Path, seed_tasks: Sequence[Any], template: str | None,
-                 sampling: SamplingSettings, seed: int, ledger: Ledger, threshold: float):
+                 sampling: SamplingSettings, seed: int, ledger: Ledger, threshold: float,
+                 constraint: FormatConstraint | None = None):
         self.endpoint, self.out_dir, self.seed_tasks = endpoint, out_dir, list(seed_tasks)
+        self.constraint = constraint
         self.template, self.sampling, self.seed, self.ledger = template, sampling, seed, ledger
         kept = read_generated(out_dir)
         finished = [record for _, record in read_records(out_dir / "requests.jsonl")]
@@ -239,7 +338,8 @@ class _Run:
 
     def absorb(self, request: int, completion: Any) -> None:
         """Parse, filter and de-duplicate one completion; append what is kept, then mark the request done."""
-        parsed = parse_completion(completion.text, self.sampling.num_prompt_instructions,
+        text = self.constraint.completion_text(completion.text) if self.constraint else completion.text
+        parsed = parse_completion(text, self.sampling.num_prompt_instructions,
                                   truncated=completion.finish_reason == "length")
         counters = Counter(blocks=len(parsed) + parsed.malformed + parsed.truncated, malformed=parsed.malformed,
                            truncated=parsed.truncated)
@@ -284,6 +384,7 @@ def generate(
     max_requests: int | None = None,
     max_consecutive_failures: int = 5,
     progress: bool = True,
+    constraint: FormatConstraint | None = None,
 ) -> GenerationReport:
     """Generate until ``num_instructions`` records are kept in ``out_dir/generated.jsonl``; returns a report.
 
@@ -291,14 +392,18 @@ def generate(
     which bounds the time and money a run can take whatever the keep rate turns out to be.
     Resumable: run the same call again after any interruption (SIGKILL included) and it continues.
     Every call attempt lands in ``out_dir/ledger.jsonl``; no request starts whose worst-case cost
-    could push spending over ``budget_usd``.
+    could push spending over ``budget_usd``. ``constraint`` (a :class:`FormatConstraint`) makes the
+    teacher keep the block layout; None sends upstream's unconstrained request.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out / "ledger.jsonl", budget_usd=budget_usd, price_as=price_as)
     ledger.price_of(endpoint.model)  # an unpriced model fails here, before any request is sent
+    if constraint is not None and constraint.first_number != sampling.num_prompt_instructions + 1:
+        raise ValueError(f"constraint.first_number={constraint.first_number} must follow the prompt's "
+                         f"{sampling.num_prompt_instructions} seed tasks")
     run = _Run(endpoint, out, seed_tasks if seed_tasks is not None else load_seed_tasks(), template, sampling, seed,
-               ledger, threshold)
+               ledger, threshold, constraint)
     previous_hook = endpoint.on_call
     endpoint.on_call = lambda call: _record_call(ledger, call, previous_hook)
     try:
@@ -393,8 +498,9 @@ def _start(run: _Run, request: int) -> asyncio.Task | None:
 async def _request(run: _Run, request: int, prompt: Any, reservation: float) -> bool:
     """Send one request and absorb its completion; returns False if it failed for good."""
     try:
+        extra = run.constraint.request_args() if run.constraint else {}
         completion = await run.endpoint.acomplete(prompt, seed=run.seed * 1_000_003 + request,
-                                                  **run.sampling.request_args())
+                                                  **run.sampling.request_args(), **extra)
     except (AuthenticationError, ServerExitedError) as error:  # no later request can succeed
         run.report.stopped_reason = f"stopped: {error}"
         return False

@@ -2,13 +2,15 @@
 
 Run by `make book` as its last step:  python tests/check_built_book.py _build/html --screenshots DIR
 A page fails when a cell output holds a traceback, a plot image is missing (a broken <img>, or a
-figure that printed as text instead of an image), or a widget view did not render. ``--expect
+figure that printed as text instead of an image), a widget view did not render, or prose dollar
+amounts were rendered as maths. ``--expect
 PAGE=images:N,widgets:M`` also requires at least that many of each on a page.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +52,10 @@ def inspect_page(page: Path, static_html: str, rendered_html: str) -> PageReport
         target = (page.parent / image.get("src", "")).resolve()
         if not image.get("src") or not target.is_file() or target.stat().st_size == 0:
             report.problems.append(f"image missing: {image.get('src')!r}")
+    for math in static.select("article span.math"):
+        # MyST reads a pair of "$" in one paragraph as inline maths: "$500 ... $100" loses its dollars.
+        if re.match(r"\\?\(?\s*\d", math.get_text().strip()):
+            report.problems.append(f"dollar amounts rendered as maths (write \\$ in prose): {math.get_text()[:60]!r}")
     report.widget_views = len(static.find_all("script", type=WIDGET_VIEW))
     report.rendered_widgets = len(rendered.select("div.widget-subarea .jupyter-widgets"))
     rendered_views = len(rendered.select("div.widget-subarea"))

@@ -39,3 +39,12 @@ def test_expectations_flag_pages_with_too_few_plots(tmp_path):
     report = inspect_page(page, html, html)
     check_expectations(report, parse_expectations(["chapter=images:2,widgets:1"])["chapter"])
     assert report.problems == ["expected at least 2 images, found 0", "expected at least 1 widgets, found 0"]
+
+
+def test_dollar_amounts_rendered_as_maths_are_a_problem(tmp_path):
+    body = ('<p>cost <em>less than <span class="math notranslate nohighlight">\\(500* with the API; '
+            '*less than \\)</span>100</em></p><p><span class="math notranslate nohighlight">\\(x^2\\)</span></p>')
+    page, html = page_with(tmp_path, body)
+    problems = inspect_page(page, html, html).problems
+    [problem] = problems  # the real formula x^2 is no problem
+    assert problem.startswith("dollar amounts rendered as maths") and "500* with the API" in problem

@@ -21,7 +21,7 @@ from alpaca_nb.costs import Ledger
 from alpaca_nb.data import load_seed_tasks
 from alpaca_nb.llm import Endpoint
 from alpaca_nb.rouge import RougeLFilter
-from alpaca_nb.selfinstruct import SamplingSettings, filter_reason, generate, read_generated
+from alpaca_nb.selfinstruct import SamplingSettings, filter_reason, format_constraint, generate, read_generated
 
 SHORT = SamplingSettings(max_tokens=48)
 
@@ -137,3 +137,20 @@ def test_sigkill_at_random_moments_then_resume_loses_and_duplicates_nothing(llam
     assert kept[: len(seen_kept)] == seen_kept
     assert len(kept) == len(set(kept)), "a record was written twice"
     assert len(lines(out_dir / "requests.jsonl")) == len(requests_done) == 8
+
+
+# -- format-constrained generation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("api", "output_format"), [("completions", "grammar"), ("chat", "json_schema")])
+def test_every_block_of_a_constrained_completion_parses(llama_server, tmp_path, api, output_format):
+    """llama-server honours both: a GBNF grammar in extra_body, and an OpenAI-style json_schema response_format."""
+    endpoint = Endpoint(llama_server.base_url, llama_server.model, api=api, timeout=300, backoff_base=0.05)
+    constraint = format_constraint(output_format)
+    report = generate(endpoint, 1000, tmp_path, concurrency=2, sampling=SamplingSettings(temperature=0.7, max_tokens=768),
+                      max_requests=2, progress=False, constraint=constraint)
+    counters = report.counters
+    assert report.requests == 2 and counters["malformed"] == 0
+    # Each completion holds the constraint's blocks; only a block cut by the token cap is lost.
+    assert counters["blocks"] == 2 * constraint.blocks
+    assert counters["blocks"] - counters["truncated"] >= 2 * constraint.blocks - 2

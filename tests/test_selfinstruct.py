@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,10 +12,13 @@ from hypothesis import strategies as st
 from alpaca_nb.data import SeedTask, load_prompt_template, load_seed_tasks
 from alpaca_nb.selfinstruct import (
     BLACKLIST,
+    FormatConstraint,
     SamplingSettings,
     encode_chat_prompt,
+    encode_completion,
     encode_prompt,
     filter_reason,
+    format_constraint,
     parse_completion,
 )
 
@@ -185,3 +191,55 @@ def test_request_tokens_are_means_over_real_texts():
     tokens = request_tokens(load_seed_tasks(), load_alpaca_data(asset="alpaca_sample"), samples=5)
     assert tokens.tasks_per_completion == 16
     assert 500 < tokens.prompt_tokens < 1500 and 500 < tokens.completion_tokens < 4000
+
+
+# -- format constraints ----------------------------------------------------------------------------
+
+
+def grammar_as_regex(grammar: str) -> re.Pattern:
+    """Translate the constraint's small GBNF (literals, rule names, one character class) into a regex."""
+    rules = dict(line.split(" ::= ", 1) for line in grammar.splitlines() if line)
+
+    def expand(body: str) -> str:
+        parts = []
+        for literal, char_class, repeat, name in re.findall(r'("(?:[^"\\]|\\.)*")|(\[[^\]]*\])(\{\d+,\d+\})?|(\w+)', body):
+            if literal:
+                parts.append(re.escape(json.loads(literal)))
+            elif char_class:
+                parts.append(char_class.replace("\\\\n", "\\n") + (repeat or ""))
+            else:
+                parts.append(f"(?:{expand(rules[name])})")
+        return "".join(parts)
+
+    return re.compile(expand(rules["root"]))
+
+
+def test_the_grammar_accepts_exactly_the_block_layout_that_encode_completion_writes():
+    fields = lambda task: (task.instruction, task.input or "<noinput>", task.output)  # noqa: E731
+    one_line = [task for task in load_seed_tasks()
+                if all("\n" not in field and "#" not in field and len(field) <= 300 for field in fields(task))][:3]
+    assert len(one_line) == 3
+    written = encode_completion(one_line, first_number=4)  # blocks 4, 5, 6 as a teacher would write them
+    pattern = grammar_as_regex(FormatConstraint("grammar", first_number=4, blocks=3).grammar())
+    assert pattern.fullmatch(written.rstrip("\n") + "\n")
+    assert not pattern.fullmatch(written.replace("5. Input:", "5. Inputs:"))
+    assert not pattern.fullmatch(encode_completion(one_line, first_number=5))  # numbering must follow the prompt
+    assert len(parse_completion(written, 3)) == 3
+
+
+def test_json_tasks_become_block_text_that_parses_back():
+    constraint = FormatConstraint("json_schema", first_number=4, blocks=2)
+    reply = json.dumps({"tasks": [{"instruction": "Name three primary colours.", "input": "", "output": "Red, yellow, blue."},
+                                  {"instruction": "Sum the numbers.", "input": "2, 3", "output": "5"}]})
+    parsed = parse_completion(constraint.completion_text(reply), 3)
+    assert list(parsed) == [("Name three primary colours.", "", "Red, yellow, blue."), ("Sum the numbers.", "2, 3", "5")]
+    assert parse_completion(constraint.completion_text('{"tasks": [{"instruction"'), 3).malformed == 1
+    schema = constraint.request_args()["response_format"]["json_schema"]["schema"]["properties"]["tasks"]
+    assert (schema["minItems"], schema["maxItems"]) == (2, 2)
+
+
+def test_format_names_are_checked_and_upstream_means_no_constraint():
+    assert format_constraint("upstream") is None
+    assert format_constraint("grammar").request_args()["extra_body"]["grammar"].startswith("root ::= block4")
+    with pytest.raises(ValueError, match="unknown output format 'regex'"):
+        format_constraint("regex")
