@@ -10,6 +10,7 @@ import os
 import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from importlib.resources import files
+from pathlib import Path
 
 __all__ = ["Profile", "ProfileError", "current_profile", "load_profile", "smoke_mode"]
 
@@ -37,7 +38,10 @@ class Profile:
     generate_instructions: int
     generate_max_requests: int
     generate_max_tokens: int
+    generate_temperature: float
     generate_format: str
+    constrained_format: str
+    generate_compare_requests: int
     generate_concurrency: int
     generate_budget_usd: float
     ledger_requests: int
@@ -46,6 +50,12 @@ class Profile:
     finetune_eval_examples: int
     finetune_max_steps: int
     smoke: bool = False
+
+    def run_dir(self, stage: str) -> Path:
+        """Return the folder in the user cache where the chapters keep this profile's run of ``stage``."""
+        from alpaca_nb.data import cache_dir
+
+        return cache_dir() / "runs" / (f"{self.name}-smoke" if self.smoke else self.name) / stage
 
     def as_rows(self) -> list[tuple[str, str]]:
         """Return (setting, value) pairs for display, naming the embedded model where a field is empty."""

@@ -23,7 +23,9 @@ __all__ = [
     "length_frame",
     "plot_leading_words",
     "plot_length_distributions",
+    "quality_statistics",
     "records_frame",
+    "repeats_instruction_or_input",
     "shorten",
     "word_count",
 ]
@@ -86,7 +88,13 @@ def length_frame(records: Sequence[Instruction]) -> pd.DataFrame:
 
 
 def compare_datasets(datasets: Mapping[str, Sequence[Instruction]]) -> pd.DataFrame:
-    """Return one column per dataset: size, share with an input, share of classification, median lengths."""
+    """Return one column per dataset: size, share with an input, share of classification, median lengths.
+
+    Distinct leading words are counted in the first n records of each dataset, n the smallest size:
+    the count grows with the sample, so unequal samples would not compare. A dataset that records no
+    classification flag gets NaN there (shown as "not recorded" by the chapters).
+    """
+    sample = min(len(records) for records in datasets.values())
     summary = {}
     for name, records in datasets.items():
         lengths = length_frame(records)
@@ -100,22 +108,66 @@ def compare_datasets(datasets: Mapping[str, Sequence[Instruction]]) -> pd.DataFr
             "median instruction words": lengths["instruction_words"].median(),
             "median input words (when present)": length_frame(with_input)["input_words"].median() if with_input else 0.0,
             "median output words": lengths["output_words"].median(),
-            "distinct leading words": len({leading_word(record.instruction) for record in records}),
+            f"distinct leading words in the first {sample}": len({leading_word(r.instruction) for r in records[:sample]}),
         }
     return pd.DataFrame(summary)
+
+
+def _normalised(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def repeats_instruction_or_input(record: Instruction) -> bool:
+    """Return True when the output only echoes: it equals the instruction or the input, or contains the instruction."""
+    output, instruction, task_input = (_normalised(text) for text in (record.output, record.instruction, record.input))
+    return output in (instruction, task_input) or (len(instruction.split()) >= 4 and instruction in output)
+
+
+def quality_statistics(datasets: Mapping[str, Sequence[Instruction]], seed_instructions: Sequence[str],
+                       sample_size: int | None = None) -> pd.DataFrame:
+    """Return one column per dataset: how much of it is usable training data (chapter 2).
+
+    Rows: records; share of outputs shorter than three words; share whose output only repeats the
+    instruction or the input; distinct leading words in a sample of the same size from every dataset
+    (``sample_size``, default the smallest dataset: counts of distinct words grow with the sample);
+    mean ROUGE-L F of each instruction to its most similar seed instruction.
+    """
+    from alpaca_nb.rouge import RougeLFilter
+
+    size = sample_size or min(len(records) for records in datasets.values())
+    reference = RougeLFilter(seed_instructions)
+    summary = {}
+    for name, records in datasets.items():
+        records = list(records)
+        summary[name] = {
+            "records": len(records),
+            "share of outputs under 3 words": _mean([word_count(record.output) < 3 for record in records]),
+            "share repeating the instruction or input": _mean([repeats_instruction_or_input(r) for r in records]),
+            f"distinct leading words in the first {size}": len({leading_word(r.instruction) for r in records[:size]}),
+            "mean ROUGE-L to the nearest seed": _mean([reference.max_similarity(r.instruction) for r in records]),
+        }
+    return pd.DataFrame(summary)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")  # nan: an empty set has no share
 
 
 def plot_length_distributions(datasets: Mapping[str, Sequence[Instruction]], bins: int = 30) -> Figure:
     """Return a figure with one panel per field: word-count histograms, normalised per dataset."""
     figure, axes = plt.subplots(1, len(FIELDS), figsize=(12, 3.4), constrained_layout=True)
     for axis, field in zip(axes, FIELDS):
+        longest = 0.0
         for name, records in datasets.items():
             counts = [word_count(getattr(record, field)) for record in records]
             if field == "input":
                 counts = [count for count in counts if count] or [0]  # empty inputs are shown as a share elsewhere
             axis.hist(counts, bins=bins, density=True, alpha=0.55, label=name)
+            longest = max(longest, float(pd.Series(counts).quantile(0.99)))
+        # A few very long inputs would stretch the axis far past where nearly all records lie.
+        axis.set_xlim(0, max(5.0, longest * 1.05))
         axis.set_title(f"{field} length" + (" (non-empty only)" if field == "input" else ""))
-        axis.set_xlabel("words")
+        axis.set_xlabel("words (the axis spans 99 % of the records)")
     axes[0].set_ylabel("density")
     axes[0].legend()
     return figure

@@ -15,19 +15,23 @@ import json
 import os
 import random
 import re
+import shutil
 import string
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple, Sequence
 
 from tqdm.auto import tqdm
 
 from alpaca_nb.costs import BudgetExceeded, Ledger, count_tokens
-from alpaca_nb.data import load_prompt_template, load_seed_tasks
+from alpaca_nb.data import AlpacaRecord, load_prompt_template, load_seed_tasks
 from alpaca_nb.jsonl import append_records, read_records
 from alpaca_nb.llm import AuthenticationError, CallRecord, Endpoint, LLMError, ServerExitedError, local_server
 from alpaca_nb.rouge import RougeLFilter
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "BLACKLIST",
@@ -35,6 +39,9 @@ __all__ = [
     "Candidate",
     "FORMATS",
     "FormatConstraint",
+    "Funnel",
+    "book_funnels",
+    "book_main_run",
     "GenerationReport",
     "ParsedBlocks",
     "PromptPrice",
@@ -45,14 +52,20 @@ __all__ = [
     "encode_prompt",
     "filter_reason",
     "format_constraint",
+    "funnel_table",
     "generate",
+    "kept_records",
+    "load_run",
     "max_similarities",
     "parse_completion",
     "plot_funnel",
+    "plot_funnels",
     "plot_similarity_histograms",
     "price_prompt",
     "read_generated",
+    "read_requests",
     "request_tokens",
+    "run_book_generation",
     "teacher_endpoint",
 ]
 
@@ -277,6 +290,16 @@ def read_generated(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [record for _, record in read_records(Path(out_dir) / "generated.jsonl")]
 
 
+def kept_records(out_dir: str | os.PathLike) -> list[AlpacaRecord]:
+    """Return the kept instructions of a run as Alpaca records (instruction, input, output)."""
+    return [AlpacaRecord(record["instruction"], record["input"], record["output"]) for record in read_generated(out_dir)]
+
+
+def read_requests(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Return one entry per finished request (requests.jsonl): its funnel counters and the raw completion."""
+    return [entry for _, entry in read_records(Path(out_dir) / "requests.jsonl")]
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -315,11 +338,8 @@ class _Run:
         self.constraint = constraint
         self.template, self.sampling, self.seed, self.ledger = template, sampling, seed, ledger
         kept = read_generated(out_dir)
-        finished = [record for _, record in read_records(out_dir / "requests.jsonl")]
-        self.done = {entry["request"] for entry in finished}
-        self.report = GenerationReport(out_dir, kept=len(kept), requests=len(finished))
-        for entry in finished:
-            self.report.counters.update(entry["counters"])
+        self.done = {entry["request"] for entry in read_requests(out_dir)}
+        self.report = load_run(out_dir)
         self.pool = RougeLFilter([task.instruction for task in self.seed_tasks], threshold=threshold)
         for record in kept:
             self.pool.add(record["instruction"])
@@ -361,11 +381,57 @@ class _Run:
         append_records(self.out_dir / "generated.jsonl", kept)
         append_records(self.out_dir / "requests.jsonl", [{"request": request, "request_id": completion.request_id,
                                                          "finish_reason": completion.finish_reason,
-                                                         "counters": dict(counters)}])
+                                                         "completion_tokens": completion.completion_tokens,
+                                                         "counters": dict(counters), "completion": completion.text}])
         self.done.add(request)
         self.report.kept += len(kept)
         self.report.requests += 1
         self.report.counters.update(counters)
+
+
+def load_run(out_dir: str | os.PathLike) -> GenerationReport:
+    """Return the report of a run as its files record it (kept records, finished requests, dollars spent)."""
+    out = Path(out_dir)
+    finished = read_requests(out)
+    report = GenerationReport(out, kept=len(read_generated(out)), requests=len(finished))
+    for entry in finished:
+        report.counters.update(entry["counters"])
+    report.spent_usd = Ledger(out / "ledger.jsonl").total_usd if (out / "ledger.jsonl").is_file() else 0.0
+    return report
+
+
+def funnel_table(runs: Mapping[str, str | os.PathLike]) -> "pd.DataFrame":
+    """Return one column per run folder: requests, where the generated blocks went, and what the completions were.
+
+    The completion rows measure what the chapter would otherwise assert: how long the teacher wrote,
+    how often the token cap cut it, and how many blocks each completion held in the right format.
+    """
+    import pandas as pd
+
+    columns = {}
+    for name, out_dir in runs.items():
+        report, requests = load_run(out_dir), read_requests(out_dir)
+        counts = report.counters
+        parsed = counts["blocks"] - counts["malformed"] - counts["truncated"]
+        columns[name] = {
+            "requests": report.requests,
+            "generated blocks": counts["blocks"],
+            "malformed (layout broken)": counts["malformed"],
+            "truncated (cut by the token cap)": counts["truncated"],
+            "failed upstream's filters": sum(counts[reason] for reason in FILTER_REASONS),
+            "near-duplicates (ROUGE-L > 0.7)": counts["near_duplicate"],
+            "kept": report.kept,
+            "keep rate (kept / generated blocks)": report.keep_rate,
+            "mean completion tokens": _mean([entry.get("completion_tokens", 0) for entry in requests]),
+            "share of completions stopped by the token cap": _mean([entry["finish_reason"] == "length"
+                                                                    for entry in requests]),
+            "well-formed blocks per completion": parsed / report.requests if report.requests else 0.0,
+        }
+    return pd.DataFrame(columns)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
 
 
 def generate(
@@ -533,6 +599,59 @@ def teacher_endpoint(profile: Any, api: str = "completions") -> Iterator[Endpoin
         yield Endpoint(server.base_url, server.model, api=api, timeout=600)
 
 
+# --------------------------------------------------------------------------- the book's runs (chapters 2-4)
+
+
+@dataclass(frozen=True)
+class Funnel:
+    """One way of asking the teacher: sampling settings and an optional format constraint."""
+
+    name: str
+    folder: str
+    sampling: SamplingSettings
+    constraint: FormatConstraint | None
+
+
+def book_funnels(profile: Any) -> list[Funnel]:
+    """Return chapter 2's three funnels, all on the same prompts: upstream as Alpaca ran it, upstream at the
+    profile's temperature, and constrained at that temperature; each changes one thing from the one before."""
+    upstream = SamplingSettings(max_tokens=profile.generate_max_tokens)
+    cooler = replace(upstream, temperature=profile.generate_temperature)
+    constraint = format_constraint(profile.constrained_format, upstream.num_prompt_instructions)
+    return [
+        Funnel(f"upstream prompt, temperature {upstream.temperature:g} (as Alpaca)", "upstream-t1", upstream, None),
+        Funnel(f"upstream prompt, temperature {cooler.temperature:g}", "upstream-cooler", cooler, None),
+        Funnel(f"{profile.constrained_format}-constrained, temperature {cooler.temperature:g}", "constrained", cooler,
+               constraint),
+    ]
+
+
+def book_main_run(profile: Any) -> Path:
+    """Return the folder of chapter 2's live run, which chapters 3 and 4 read: the funnel of the profile's format."""
+    main = "upstream-t1" if profile.generate_format == "upstream" else "constrained"
+    return profile.run_dir("self-instruct") / main
+
+
+def run_book_generation(profile: Any, teacher: Endpoint) -> dict[str, Path]:
+    """Run chapter 2 afresh: every funnel for ``generate_compare_requests`` requests on the same prompts, then
+    the profile's funnel on to ``generate_instructions`` kept or ``generate_max_requests``; returns name -> folder.
+    """
+    root = profile.run_dir("self-instruct")
+    shutil.rmtree(root, ignore_errors=True)  # every build measures afresh
+    folders = {}
+    for funnel in book_funnels(profile):
+        folders[funnel.name] = root / funnel.folder
+        generate(teacher, 10**9, folders[funnel.name], budget_usd=profile.generate_budget_usd or None,
+                 concurrency=profile.generate_concurrency, sampling=funnel.sampling, constraint=funnel.constraint,
+                 max_requests=profile.generate_compare_requests, progress=False)
+    main = next(funnel for funnel in book_funnels(profile) if root / funnel.folder == book_main_run(profile))
+    # Resumes the comparison's folder: its first requests count towards the target.
+    generate(teacher, profile.generate_instructions, book_main_run(profile), budget_usd=profile.generate_budget_usd or None,
+             concurrency=profile.generate_concurrency, sampling=main.sampling, constraint=main.constraint,
+             max_requests=profile.generate_max_requests, progress=False)
+    return folders
+
+
 # --------------------------------------------------------------------------- inspection (chapter 2)
 
 
@@ -596,6 +715,30 @@ def plot_funnel(report: GenerationReport):
     right.barh(list(reasons)[::-1], list(reasons.values())[::-1], color="#fc8d62")
     right.set_title("blocks lost, by reason")
     right.set_xlabel("blocks")
+    return figure
+
+
+def plot_funnels(reports: Mapping[str, GenerationReport]):
+    """Return grouped bars, one group per funnel stage and one bar per run, each labelled with its count.
+
+    The axis is logarithmic (with zero drawn at the bottom) so that a stage of 1 next to one of 100 stays visible.
+    """
+    import matplotlib.pyplot as plt
+
+    stages = ["generated blocks", "parsed", "passed filters", "kept (not near-duplicates)"]
+    figure, axis = plt.subplots(figsize=(11, 4), constrained_layout=True)
+    width = 0.8 / max(1, len(reports))
+    for index, (name, report) in enumerate(reports.items()):
+        counts = [report.funnel()[stage] for stage in stages]
+        positions = [stage + (index - (len(reports) - 1) / 2) * width for stage in range(len(stages))]
+        bars = axis.bar(positions, [max(count, 0.8) for count in counts], width, label=name)
+        axis.bar_label(bars, labels=[f"{count:,}" for count in counts], fontsize=8, padding=2)
+    axis.set_yscale("log")
+    axis.set_ylim(0.7, None)
+    axis.set_xticks(range(len(stages)), stages)
+    axis.set_ylabel("blocks (log scale)")
+    axis.set_title("Where the generated blocks went, per way of asking (same prompts)")
+    axis.legend(fontsize=8, loc="lower left")
     return figure
 
 

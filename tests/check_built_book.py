@@ -2,8 +2,8 @@
 
 Run by `make book` as its last step:  python tests/check_built_book.py _build/html --screenshots DIR
 A page fails when a cell output holds a traceback, a plot image is missing (a broken <img>, or a
-figure that printed as text instead of an image), a widget view did not render, or prose dollar
-amounts were rendered as maths. ``--expect
+figure that printed as text instead of an image, or a plot without a caption), a widget view did
+not render, or prose dollar amounts were rendered as maths. ``--expect
 PAGE=images:N,widgets:M`` also requires at least that many of each on a page.
 """
 
@@ -45,6 +45,10 @@ def inspect_page(page: Path, static_html: str, rendered_html: str) -> PageReport
         if "Traceback (most recent call last)" in text or output.select(".traceback"):
             report.problems.append(f"traceback in a cell output: {text.strip()[:120]!r}")
         images = output.find_all("img")
+        for image in images:
+            figure = image.find_parent("figure")
+            if figure is None or figure.find("figcaption") is None or not figure.figcaption.get_text(strip=True):
+                report.problems.append(f"a plot without a caption (cell metadata mystnb.figure.caption): {image.get('src')!r}")
         if "<Figure size" in text and not images:
             report.problems.append("a figure printed as text, not as an image")
         report.images += len(images)

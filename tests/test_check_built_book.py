@@ -15,8 +15,11 @@ def page_with(tmp_path, body: str):
     return page, html
 
 
+PLOT = '<figure><img src="plot.png"><figcaption><p>What the plot shows.</p></figcaption></figure>'
+
+
 def test_a_clean_page_with_plot_and_rendered_widget_passes(tmp_path):
-    page, html = page_with(tmp_path, f'<div class="cell_output"><img src="plot.png"></div><div class="cell_output">{VIEW}</div>')
+    page, html = page_with(tmp_path, f'<div class="cell_output">{PLOT}</div><div class="cell_output">{VIEW}</div>')
     rendered = html.replace(VIEW, VIEW + '<div class="widget-subarea"><div class="jupyter-widgets"></div></div>')
     report = inspect_page(page, html, rendered)
     assert report.problems == [] and report.images == 1 and report.widget_views == 1 and report.rendered_widgets == 1
@@ -48,3 +51,8 @@ def test_dollar_amounts_rendered_as_maths_are_a_problem(tmp_path):
     problems = inspect_page(page, html, html).problems
     [problem] = problems  # the real formula x^2 is no problem
     assert problem.startswith("dollar amounts rendered as maths") and "500* with the API" in problem
+
+
+def test_a_plot_without_a_caption_is_a_problem(tmp_path):
+    page, html = page_with(tmp_path, '<div class="cell_output"><img src="plot.png"></div>')
+    assert [p for p in inspect_page(page, html, html).problems if "without a caption" in p]

@@ -47,3 +47,11 @@ def test_cli_train_hands_every_option_to_the_trainer_command_line(tmp_path, caps
     # A configuration error comes back as exit status 2 with the fix, before any model is loaded.
     assert main(["train", "--output-dir", str(tmp_path), "--resume"]) == 2
     assert "holds no checkpoint-N folder to resume from" in capsys.readouterr().err
+
+
+def test_claims_point_only_to_chapters_that_exist(tmp_path):
+    (tmp_path / "03_costs.md").write_text("# 3")
+    where = dict(zip([c.key for c in PAPER_CLAIMS], claims_frame(book_dir=tmp_path)["checked in"]))
+    assert where["generation_cost"] == "Chapter 3, costs"
+    assert where["finetune_cost"] == "Chapter 3, costs; chapter 4, fine-tuning"  # one of its pages exists
+    assert where["pairwise_eval"] == "not checked yet (Chapter 5, evaluation is planned)"

@@ -215,3 +215,13 @@ def test_training_memory_is_sixteen_bytes_per_parameter_sharded_by_fsdp_plus_act
     assert replicated == alone  # DDP keeps a whole copy on every GPU
     assert sharded.optimizer == alone.optimizer / 8 and sharded.activations == alone.activations
     assert alone.total / 2**30 > 100 > 80 > sharded.total / 2**30 > 20  # over an 80 GB A100 alone, under it sharded
+
+
+def test_lora_memory_is_bf16_frozen_weights_plus_float32_adapters_and_activations():
+    from alpaca_nb.costs import LLAMA_7B, lora_training_memory, training_memory
+
+    lora = lora_training_memory(LLAMA_7B.n_params, trainable_params=4.2e6)
+    full = training_memory(LLAMA_7B.n_params)
+    assert lora.weights == 2 * LLAMA_7B.n_params + 4 * 4.2e6 and lora.optimizer == 8 * 4.2e6
+    assert lora.activations == full.activations
+    assert 20 < lora.total / 2**30 < 24 < full.total / 2**30  # the appendix's "about 23 GB": only just on 24 GB

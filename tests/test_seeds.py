@@ -79,5 +79,25 @@ def test_shorten_and_records_frame():
 def test_plots_have_a_panel_per_field_and_per_dataset(seeds):
     figure = plot_length_distributions({"seeds": seeds})
     assert [axis.get_title() for axis in figure.axes] == ["instruction length", "input length (non-empty only)", "output length"]
+    longest_instruction = max(len(task.instruction.split()) for task in seeds)
+    assert figure.axes[0].get_xlim()[1] <= longest_instruction * 1.05  # ends at the 99th percentile, not beyond
     figure = plot_leading_words({"a": seeds, "b": seeds}, top=5)
     assert len(figure.axes) == 2 and len(figure.axes[0].patches) == 5
+
+
+def test_quality_statistics_measure_echoes_short_outputs_and_sample_the_same_size():
+    from alpaca_nb.data import AlpacaRecord
+    from alpaca_nb.seeds import quality_statistics, repeats_instruction_or_input
+
+    echo = AlpacaRecord("Rewrite the sentence in the past tense.", "I go home.", "I go home.")
+    contains = AlpacaRecord("Name three primary colours.", "", "Name three primary colours: red, yellow, blue.")
+    short = AlpacaRecord("Give the capital of France.", "", "Paris.")
+    fine = AlpacaRecord("Explain why the sky is blue.", "", "Air scatters blue light more than red light.")
+    assert repeats_instruction_or_input(echo) and repeats_instruction_or_input(contains)
+    assert not repeats_instruction_or_input(short) and not repeats_instruction_or_input(fine)
+    table = quality_statistics({"ours": [echo, contains, short, fine], "theirs": [fine, short]},
+                               ["Explain why the sky is blue."])
+    assert table.loc["share repeating the instruction or input", "ours"] == 0.5
+    assert table.loc["share of outputs under 3 words", "ours"] == 0.25 and table.loc["records", "theirs"] == 2
+    assert table.loc["distinct leading words in the first 2", "ours"] == 2  # equal samples: the first 2 of each
+    assert table.loc["mean ROUGE-L to the nearest seed", "theirs"] > table.loc["mean ROUGE-L to the nearest seed", "ours"]

@@ -243,3 +243,53 @@ def test_format_names_are_checked_and_upstream_means_no_constraint():
     assert format_constraint("grammar").request_args()["extra_body"]["grammar"].startswith("root ::= block4")
     with pytest.raises(ValueError, match="unknown output format 'regex'"):
         format_constraint("regex")
+
+
+# -- reading runs back: the funnel table of chapters 2 and 3 ---------------------------------------
+
+
+def write_run(folder, requests: list[dict], kept: list[dict]) -> None:
+    from alpaca_nb.jsonl import append_records
+
+    append_records(folder / "requests.jsonl", requests)
+    append_records(folder / "generated.jsonl", kept)
+
+
+def test_load_run_and_funnel_table_count_what_the_files_hold(tmp_path):
+    from alpaca_nb.selfinstruct import funnel_table, load_run
+
+    write_run(tmp_path, [
+        {"request": 0, "finish_reason": "length", "completion_tokens": 512, "completion": "...",
+         "counters": {"blocks": 6, "malformed": 3, "truncated": 1, "too_short": 1, "near_duplicate": 0, "kept": 1}},
+        {"request": 1, "finish_reason": "stop", "completion_tokens": 100, "completion": "...",
+         "counters": {"blocks": 2, "malformed": 0, "truncated": 0, "near_duplicate": 1, "kept": 1}},
+    ], [{"instruction": "a b c d"}, {"instruction": "e f g h"}])
+    report = load_run(tmp_path)
+    assert (report.kept, report.requests, report.keep_rate) == (2, 2, 2 / 8)
+    column = funnel_table({"run": tmp_path})["run"]
+    assert column["malformed (layout broken)"] == 3 and column["failed upstream's filters"] == 1
+    assert column["share of completions stopped by the token cap"] == 0.5
+    assert column["mean completion tokens"] == 306 and column["well-formed blocks per completion"] == 2.0
+
+
+def test_book_funnels_change_one_thing_at_a_time_and_chapter_3_reads_the_live_run():
+    from alpaca_nb.profiles import load_profile
+    from alpaca_nb.selfinstruct import book_funnels, book_main_run
+
+    laptop = load_profile("laptop")
+    as_alpaca, cooler, constrained = book_funnels(laptop)
+    assert as_alpaca.sampling == SamplingSettings(max_tokens=laptop.generate_max_tokens) and as_alpaca.constraint is None
+    assert cooler.sampling.temperature == laptop.generate_temperature and cooler.constraint is None
+    assert constrained.sampling == cooler.sampling and constrained.constraint.kind == "grammar"
+    assert book_main_run(laptop).name == "constrained"
+    assert book_main_run(load_profile("cluster")).name == "upstream-t1"
+
+
+def test_plot_funnels_labels_every_bar_with_its_count(tmp_path):
+    from alpaca_nb.selfinstruct import load_run, plot_funnels
+
+    write_run(tmp_path, [{"request": 0, "finish_reason": "stop", "completion_tokens": 9, "completion": "",
+                          "counters": {"blocks": 100, "malformed": 99, "kept": 1}}], [{"instruction": "x"}])
+    figure = plot_funnels({"run": load_run(tmp_path)})
+    labels = [text.get_text() for text in figure.axes[0].texts]
+    assert labels == ["100", "1", "1", "1"] and figure.axes[0].get_yscale() == "log"

@@ -318,7 +318,7 @@ def test_padding_by_strategy_counts_the_same_real_tokens_and_less_padding(exampl
 
 def test_compare_replies_puts_each_model_greedy_reply_beside_the_reference(records, tokenizer, eval_model):
     table = compare_replies(records[:1], {"before": eval_model}, tokenizer, max_new_tokens=4)
-    assert list(table.columns) == ["instruction", "input", "Alpaca output", "before"]
+    assert list(table.columns) == ["instruction", "input", "reference output", "before"]
     assert table.loc[0, "instruction"] == records[0].instruction and table.loc[0, "before"].strip()
     assert table.loc[0, "before"] == compare_replies(records[:1], {"again": eval_model}, tokenizer, 4).loc[0, "again"]
 
