@@ -42,6 +42,7 @@ __all__ = [
     "Funnel",
     "book_funnels",
     "book_main_run",
+    "live_funnel",
     "GenerationReport",
     "ParsedBlocks",
     "PromptPrice",
@@ -427,7 +428,7 @@ def funnel_table(runs: Mapping[str, str | os.PathLike]) -> "pd.DataFrame":
                                                                     for entry in requests]),
             "well-formed blocks per completion": parsed / report.requests if report.requests else 0.0,
         }
-    return pd.DataFrame(columns)
+    return pd.DataFrame(columns, dtype=object)  # counts stay integers beside the rates
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -619,17 +620,22 @@ def book_funnels(profile: Any) -> list[Funnel]:
     cooler = replace(upstream, temperature=profile.generate_temperature)
     constraint = format_constraint(profile.constrained_format, upstream.num_prompt_instructions)
     return [
-        Funnel(f"upstream prompt, temperature {upstream.temperature:g} (as Alpaca)", "upstream-t1", upstream, None),
-        Funnel(f"upstream prompt, temperature {cooler.temperature:g}", "upstream-cooler", cooler, None),
-        Funnel(f"{profile.constrained_format}-constrained, temperature {cooler.temperature:g}", "constrained", cooler,
+        Funnel(f"upstream prompt, temperature {upstream.temperature:.1f} (as Alpaca)", "upstream-t1", upstream, None),
+        Funnel(f"upstream prompt, temperature {cooler.temperature:.1f}", "upstream-cooler", cooler, None),
+        Funnel(f"{profile.constrained_format}-constrained, temperature {cooler.temperature:.1f}", "constrained", cooler,
                constraint),
     ]
 
 
 def book_main_run(profile: Any) -> Path:
-    """Return the folder of chapter 2's live run, which chapters 3 and 4 read: the funnel of the profile's format."""
-    main = "upstream-t1" if profile.generate_format == "upstream" else "constrained"
-    return profile.run_dir("self-instruct") / main
+    """Return the folder of chapter 2's live run, which chapters 3 and 4 read."""
+    return profile.run_dir("self-instruct") / "live"
+
+
+def live_funnel(profile: Any) -> Funnel:
+    """Return the funnel the live run continues: the one of the profile's ``generate_format``."""
+    folder = "upstream-t1" if profile.generate_format == "upstream" else "constrained"
+    return next(funnel for funnel in book_funnels(profile) if funnel.folder == folder)
 
 
 def run_book_generation(profile: Any, teacher: Endpoint) -> dict[str, Path]:
@@ -644,10 +650,12 @@ def run_book_generation(profile: Any, teacher: Endpoint) -> dict[str, Path]:
         generate(teacher, 10**9, folders[funnel.name], budget_usd=profile.generate_budget_usd or None,
                  concurrency=profile.generate_concurrency, sampling=funnel.sampling, constraint=funnel.constraint,
                  max_requests=profile.generate_compare_requests, progress=False)
-    main = next(funnel for funnel in book_funnels(profile) if root / funnel.folder == book_main_run(profile))
-    # Resumes the comparison's folder: its first requests count towards the target.
+    live = live_funnel(profile)
+    # A copy of that funnel's folder, resumed: its first requests count towards the target, and the
+    # funnel itself keeps its comparison size.
+    shutil.copytree(root / live.folder, book_main_run(profile))
     generate(teacher, profile.generate_instructions, book_main_run(profile), budget_usd=profile.generate_budget_usd or None,
-             concurrency=profile.generate_concurrency, sampling=main.sampling, constraint=main.constraint,
+             concurrency=profile.generate_concurrency, sampling=live.sampling, constraint=live.constraint,
              max_requests=profile.generate_max_requests, progress=False)
     return folders
 

@@ -274,15 +274,15 @@ def test_load_run_and_funnel_table_count_what_the_files_hold(tmp_path):
 
 def test_book_funnels_change_one_thing_at_a_time_and_chapter_3_reads_the_live_run():
     from alpaca_nb.profiles import load_profile
-    from alpaca_nb.selfinstruct import book_funnels, book_main_run
+    from alpaca_nb.selfinstruct import book_funnels, book_main_run, live_funnel
 
     laptop = load_profile("laptop")
     as_alpaca, cooler, constrained = book_funnels(laptop)
     assert as_alpaca.sampling == SamplingSettings(max_tokens=laptop.generate_max_tokens) and as_alpaca.constraint is None
     assert cooler.sampling.temperature == laptop.generate_temperature and cooler.constraint is None
     assert constrained.sampling == cooler.sampling and constrained.constraint.kind == "grammar"
-    assert book_main_run(laptop).name == "constrained"
-    assert book_main_run(load_profile("cluster")).name == "upstream-t1"
+    assert book_main_run(laptop).name == "live"
+    assert live_funnel(laptop) == constrained and live_funnel(load_profile("cluster")).folder == "upstream-t1"
 
 
 def test_plot_funnels_labels_every_bar_with_its_count(tmp_path):
