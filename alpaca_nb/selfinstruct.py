@@ -428,7 +428,8 @@ def funnel_table(runs: Mapping[str, str | os.PathLike]) -> "pd.DataFrame":
                                                                     for entry in requests]),
             "well-formed blocks per completion": parsed / report.requests if report.requests else 0.0,
         }
-    return pd.DataFrame(columns, dtype=object)  # counts stay integers beside the rates
+    # One object Series per run: a plain DataFrame would turn the counts into floats beside the rates.
+    return pd.DataFrame({name: pd.Series(values, dtype=object) for name, values in columns.items()})
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -270,6 +270,7 @@ def test_load_run_and_funnel_table_count_what_the_files_hold(tmp_path):
     assert column["malformed (layout broken)"] == 3 and column["failed upstream's filters"] == 1
     assert column["share of completions stopped by the token cap"] == 0.5
     assert column["mean completion tokens"] == 306 and column["well-formed blocks per completion"] == 2.0
+    assert isinstance(column["requests"], int) and isinstance(column["kept"], int)  # shown as counts, not 2.00
 
 
 def test_book_funnels_change_one_thing_at_a_time_and_chapter_3_reads_the_live_run():
