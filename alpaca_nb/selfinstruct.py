@@ -51,6 +51,7 @@ __all__ = [
     "encode_chat_prompt",
     "encode_completion",
     "encode_prompt",
+    "ensure_book_generation",
     "filter_reason",
     "format_constraint",
     "funnel_table",
@@ -659,6 +660,15 @@ def run_book_generation(profile: Any, teacher: Endpoint) -> dict[str, Path]:
              concurrency=profile.generate_concurrency, sampling=live.sampling, constraint=live.constraint,
              max_requests=profile.generate_max_requests, progress=False)
     return folders
+
+
+def ensure_book_generation(profile: Any) -> Path:
+    """Return chapter 2's live-run folder, running chapter 2's generation first if it is not there (chapter 3
+    executed on its own)."""
+    if not (book_main_run(profile) / "requests.jsonl").is_file():
+        with teacher_endpoint(profile) as teacher:
+            run_book_generation(profile, teacher)
+    return book_main_run(profile)
 
 
 # --------------------------------------------------------------------------- inspection (chapter 2)

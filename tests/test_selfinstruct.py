@@ -294,3 +294,15 @@ def test_plot_funnels_labels_every_bar_with_its_count(tmp_path):
     figure = plot_funnels({"run": load_run(tmp_path)})
     labels = [text.get_text() for text in figure.axes[0].texts]
     assert labels == ["100", "1", "1", "1"] and figure.axes[0].get_yscale() == "log"
+
+
+def test_ensure_book_generation_reads_an_existing_live_run_without_starting_a_teacher(tmp_path, monkeypatch):
+    from alpaca_nb import selfinstruct
+    from alpaca_nb.profiles import load_profile
+
+    monkeypatch.setenv("ALPACA_NB_CACHE_DIR", str(tmp_path))
+    laptop = load_profile("laptop")
+    write_run(selfinstruct.book_main_run(laptop), [{"request": 0, "finish_reason": "stop", "completion_tokens": 1,
+                                                    "completion": "", "counters": {"blocks": 1}}], [])
+    monkeypatch.setattr(selfinstruct, "teacher_endpoint", None)  # calling it would fail the test
+    assert selfinstruct.ensure_book_generation(laptop) == tmp_path / "runs" / "laptop" / "self-instruct" / "live"
