@@ -117,8 +117,9 @@ lock:
 	  --unsafe-package torch --no-emit-find-links --no-emit-index-url --no-emit-trusted-host \
 	  -o $(LOCK) pyproject.toml
 
+# No progress bars in the built pages: frozen there, they tell a reader nothing (alpaca_nb/progress.py).
 build:
-	$(BIN)/jupyter-book build . --all -W --keep-going
+	ALPACA_NB_PROGRESS=0 $(BIN)/jupyter-book build . --all -W --keep-going
 
 check-book:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || $(MAKE) --no-print-directory chromium

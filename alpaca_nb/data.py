@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
-from tqdm.auto import tqdm
+
+from alpaca_nb.progress import progress_bar
 
 __all__ = [
     "ASSETS",
@@ -228,7 +229,8 @@ def download(asset: Asset, dest_dir: Path, url: str | None = None, timeout: floa
             if response.status_code != 200:
                 raise DataError(f"GET {url} answered HTTP {response.status_code}")
             total = int(response.headers.get("content-length") or 0) or None
-            with partial.open("wb") as out, tqdm(total=total, unit="B", unit_scale=True, desc=asset.filename) as bar:
+            with partial.open("wb") as out, \
+                    progress_bar(total=total, unit="B", unit_scale=True, desc=asset.filename) as bar:
                 for chunk in response.iter_bytes():
                     out.write(chunk)
                     bar.update(len(chunk))

@@ -23,7 +23,7 @@ from alpaca_nb.data import cache_dir
 
 __all__ = [
     "EMBEDDED_MODEL_NAME", "ModelError", "embedded_gguf_path", "embedded_model_dir", "generate_reply", "load_model",
-    "load_tokenizer",
+    "load_tokenizer", "quiet_hf_progress",
 ]
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct (embedded, Q4_1 GGUF dequantized to float32)"
@@ -71,8 +71,8 @@ def embedded_model_dir() -> Path:
 
 
 @contextlib.contextmanager
-def _quiet_weight_loading() -> Iterator[None]:
-    """Hide transformers' per-load progress bar (a one-second load needs none)."""
+def quiet_hf_progress() -> Iterator[None]:
+    """Hide transformers' own progress bars (loading and writing weights: a second's work needs none)."""
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -88,7 +88,7 @@ def load_model(
     """Return (model, tokenizer) in eval mode: the embedded model when ``name`` is None, else an HF id or path."""
     source = embedded_model_dir() if name is None else name
     try:
-        with _quiet_weight_loading():
+        with quiet_hf_progress():
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
     except OSError as error:

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple, Sequence
 
-from tqdm.auto import tqdm
-
 from alpaca_nb.costs import BudgetExceeded, Ledger, count_tokens
 from alpaca_nb.data import AlpacaRecord, load_prompt_template, load_seed_tasks
 from alpaca_nb.jsonl import append_records, read_records
 from alpaca_nb.llm import AuthenticationError, CallRecord, Endpoint, LLMError, ServerExitedError, local_server
+from alpaca_nb.progress import progress_bar
 from alpaca_nb.rouge import RougeLFilter
 
 if TYPE_CHECKING:
@@ -518,7 +517,7 @@ class _Limits:
 async def _drive(run: _Run, limits: _Limits, progress: bool) -> None:
     """Keep up to ``concurrency`` requests in flight until the target, a limit, the budget or failures stop it."""
     target = limits.target
-    bar = tqdm(total=target, initial=min(run.report.kept, target), desc="kept", disable=not progress)
+    bar = progress_bar(total=target, initial=min(run.report.kept, target), desc="kept", disable=not progress)
     in_flight: set[asyncio.Task] = set()
     next_request, consecutive_failures = 0, 0
     try:

@@ -15,27 +15,29 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AttentionInterface, DataCollatorWithFlattening, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from alpaca_nb.data import AlpacaRecord, DataError, _jsonl_objects, load_alpaca_data
 from alpaca_nb.jsonl import write_text_atomically
-from alpaca_nb.models import generate_reply
+from alpaca_nb.progress import progress_bar
 
 __all__ = [
-    "IGNORE_INDEX", "PACKED_ATTENTION", "PROMPT_INPUT", "PROMPT_NO_INPUT", "AlpacaCollator", "DataMix", "SFTReport",
-    "axolotl_dataset_block", "build_dataset", "compare_replies", "enable_packed_attention", "ensure_pad_token",
+    "AlpacaCollator", "DataMix", "IGNORE_INDEX", "PACKED_ATTENTION", "PROMPT_INPUT", "PROMPT_NO_INPUT", "Reply",
+    "SFTReport", "axolotl_dataset_block", "build_dataset", "enable_packed_attention", "ensure_pad_token",
     "export_stanford_json", "export_trl_jsonl", "format_example", "format_prompt", "from_trl_prompt_completion",
-    "import_stanford_json", "import_trl_jsonl", "length_grouped_batches", "llama_factory_dataset_info",
-    "mix_records", "padded_tokens", "padding_by_strategy", "padding_free_collator", "plot_padding", "random_batches", "to_trl_prompt_completion", "token_label_rows",
-    "tokenize_example",
+    "greedy_replies", "import_stanford_json", "import_trl_jsonl", "invents_a_section", "length_grouped_batches",
+    "llama_factory_dataset_info", "mix_records", "padded_tokens", "padding_by_strategy", "padding_free_collator",
+    "plot_padding", "random_batches", "repeats_itself", "replies_table", "stop_table", "to_trl_prompt_completion",
+    "token_label_rows", "tokenize_example",
 ]
 
 IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and so every HF causal LM loss) skips
@@ -156,8 +158,8 @@ def build_dataset(
     examples: list[dict[str, list[int]]] = []
     dropped: list[int] = []
     truncated: list[int] = []
-    # delay=2: a bar only for work long enough to watch (the 52K file), not noise under every small call.
-    for index, record in enumerate(tqdm(records, desc="tokenize", unit="example", delay=2)):
+    # progress_bar waits 2 s: a bar only for work long enough to watch (the 52K file), not under every small call.
+    for index, record in enumerate(progress_bar(records, desc="tokenize", unit="example")):
         example, was_truncated = _encode_example(record.instruction, record.input, record.output, tokenizer,
                                                  max_length, train_on_input)
         if example is None:
@@ -416,24 +418,99 @@ def from_trl_prompt_completion(rows: Iterable[dict[str, str]]) -> list[AlpacaRec
 # --------------------------------------------------------------------------- replies before and after
 
 
-def compare_replies(
-    records: Sequence[Any], models: dict[str, PreTrainedModel], tokenizer: PreTrainedTokenizerBase,
-    max_new_tokens: int = 128, reference_name: str = "reference output",
+@dataclass(frozen=True)
+class Reply:
+    """One greedy reply to an Alpaca prompt, and whether the model ended it itself."""
+
+    text: str
+    new_tokens: int  # generated before the end-of-sequence token, or up to the cap
+    stopped: bool  # the model emitted EOS before ``max_new_tokens``; False = cut by the cap
+
+
+def _end_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Return every token id that ends generation: the tokenizer's EOS and the generation config's."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+    return ids | {tokenizer.eos_token_id}
+
+
+def greedy_replies(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[Any], max_new_tokens: int = 128,
+    batch_size: int = 8,
+) -> list[Reply]:
+    """Return the model's greedy reply to each record's Alpaca prompt (no chat template: the fine-tuned format).
+
+    Batched with left padding, so every prompt ends where generation starts. A reply counts as stopped when
+    an end id appears among its new tokens; a row that ended early is padded with the pad id afterwards,
+    which is EOS for the embedded model, so the first end id is where the model stopped.
+    """
+    end_ids = _end_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts = [format_prompt(record.instruction, record.input) for record in records]
+    replies: list[Reply] = []
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in progress_bar(range(0, len(prompts), batch_size), desc="greedy replies", unit="batch"):
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(model.device)
+            with torch.inference_mode():
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+            for row in output[:, batch["input_ids"].shape[1]:].tolist():
+                end = next((index for index, token in enumerate(row) if token in end_ids), None)
+                kept = row if end is None else row[:end]
+                replies.append(Reply(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept),
+                                     end is not None))
+    finally:
+        tokenizer.padding_side = side
+    return replies
+
+
+def repeats_itself(text: str, words: int = 4, times: int = 3) -> bool:
+    """Return True when some run of ``words`` words occurs ``times`` times or more: a reply caught in a loop.
+
+    List numbers are ignored first, so "4. Email Marketing: 5. Email Marketing:" counts as a repeat.
+    """
+    tokens = re.sub(r"\b\d+[.)]", " ", text).split()
+    runs = Counter(tuple(tokens[start:start + words]) for start in range(len(tokens) - words + 1))
+    return bool(runs) and max(runs.values()) >= times
+
+
+def invents_a_section(text: str) -> bool:
+    """Return True when a reply writes a new "### ..." header (an Instruction, Response or Explanation of its own)."""
+    return re.search(r"^\s*###", text, flags=re.MULTILINE) is not None
+
+
+def stop_table(replies: dict[str, Sequence[Reply]], max_new_tokens: int) -> "pd.DataFrame":
+    """Return one row per model: how many replies ended with EOS before the cap, why the others ran on (a loop
+    or not), how many invented a ``###`` section, and how long the replies ran."""
+    import pandas as pd
+
+    rows = {}
+    for name, model_replies in replies.items():
+        stopped = sum(reply.stopped for reply in model_replies)
+        cut = [reply for reply in model_replies if not reply.stopped]
+        lengths = sorted(reply.new_tokens for reply in model_replies)
+        rows[name] = {"replies": len(model_replies), "ended with EOS": stopped,
+                      f"cut at {max_new_tokens} tokens": len(cut),
+                      "of which looping": sum(repeats_itself(reply.text) for reply in cut),
+                      "with an invented ### section": sum(invents_a_section(reply.text) for reply in model_replies),
+                      "stop rate": stopped / len(model_replies) if model_replies else None,
+                      "median tokens": lengths[len(lengths) // 2] if lengths else None}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def replies_table(
+    records: Sequence[Any], replies: dict[str, Sequence[Reply]], reference_name: str = "reference output",
 ) -> "pd.DataFrame":
     """Return a table: each record's instruction, input and reference output (a column named whose answer it
-    is, ``reference_name``), then each model's greedy reply.
-
-    Every model gets the same Alpaca prompt (``format_prompt``, no chat template: the format it is fine-tuned
-    on) and decodes greedily, so the columns differ only by the weights (chapter 4).
-    """
+    is, ``reference_name``), then each model's reply, marked where the token cap cut it (chapter 4)."""
     import pandas as pd
 
     rows = []
-    for record in records:
+    for index, record in enumerate(records):
         row = {"instruction": record.instruction, "input": record.input, reference_name: record.output}
-        for name, model in models.items():
-            row[name] = generate_reply(model, tokenizer, format_prompt(record.instruction, record.input),
-                                       max_new_tokens=max_new_tokens, chat_template=False)
+        for name, model_replies in replies.items():
+            reply = model_replies[index]
+            row[name] = reply.text if reply.stopped else f"{reply.text} [cut at the token cap]"
         rows.append(row)
     return pd.DataFrame(rows)
 

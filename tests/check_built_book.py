@@ -3,7 +3,9 @@
 Run by `make book` as its last step:  python tests/check_built_book.py _build/html --screenshots DIR
 A page fails when a cell output holds a traceback, a plot image is missing (a broken <img>, or a
 figure that printed as text instead of an image, or a plot without a caption), a widget view did
-not render, or prose dollar amounts were rendered as maths. ``--expect
+not render, prose dollar amounts were rendered as maths, a cell shows a progress bar or the Trainer's
+log table (frozen in a static page, they are noise), or the stylesheet that wraps long lines is not
+linked. ``--expect
 PAGE=images:N,widgets:M`` also requires at least that many of each on a page.
 """
 
@@ -25,6 +27,10 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+WRAP_STYLESHEET = "cells.css"  # book/_css/cells.css, linked by _config.yml's html_css_files
+# tqdm's text ("kept:  40%|####      | 2/5 [00:03<00:04, ...]") and transformers' Trainer's log table.
+PROGRESS_TEXT = re.compile(r"\d+%\|.*\|\s*\d+/\d+|\d+/\d+ \[\d+:\d+<|\bNo log\b")
 
 
 @dataclass
@@ -49,6 +55,9 @@ def inspect_page(page: Path, static_html: str, rendered_html: str) -> PageReport
             figure = image.find_parent("figure")
             if figure is None or figure.find("figcaption") is None or not figure.figcaption.get_text(strip=True):
                 report.problems.append(f"a plot without a caption (cell metadata mystnb.figure.caption): {image.get('src')!r}")
+        if PROGRESS_TEXT.search(text):
+            report.problems.append(f"progress-bar or log-table output in a cell (make book sets ALPACA_NB_PROGRESS=0): "
+                                   f"{PROGRESS_TEXT.search(text).group(0)[:80]!r}")
         if "<Figure size" in text and not images:
             report.problems.append("a figure printed as text, not as an image")
         report.images += len(images)
@@ -60,6 +69,10 @@ def inspect_page(page: Path, static_html: str, rendered_html: str) -> PageReport
         # MyST reads a pair of "$" in one paragraph as inline maths: "$500 ... $100" loses its dollars.
         if re.match(r"\\?\(?\s*\d", math.get_text().strip()):
             report.problems.append(f"dollar amounts rendered as maths (write \\$ in prose): {math.get_text()[:60]!r}")
+    if any("ProgressModel" in state.get_text() for state in static.find_all("script", type=WIDGET_STATE)):
+        report.problems.append("a progress-bar widget saved in the page (make book sets ALPACA_NB_PROGRESS=0)")
+    if static.select("div.cell_output") and not static.find("link", href=re.compile(re.escape(WRAP_STYLESHEET))):
+        report.problems.append(f"the page does not link {WRAP_STYLESHEET}: long lines would scroll sideways")
     report.widget_views = len(static.find_all("script", type=WIDGET_VIEW))
     report.rendered_widgets = len(rendered.select("div.widget-subarea .jupyter-widgets"))
     rendered_views = len(rendered.select("div.widget-subarea"))

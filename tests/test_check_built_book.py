@@ -7,10 +7,13 @@ from check_built_book import check_expectations, inspect_page, parse_expectation
 VIEW = '<script type="application/vnd.jupyter.widget-view+json">{"model_id": "m"}</script>'
 
 
-def page_with(tmp_path, body: str):
+STYLESHEET = '<link rel="stylesheet" type="text/css" href="_static/cells.css?v=1" />'
+
+
+def page_with(tmp_path, body: str, head: str = STYLESHEET):
     (tmp_path / "plot.png").write_bytes(b"\x89PNG data")
     page = tmp_path / "chapter.html"
-    html = f"<html><body><article>{body}</article></body></html>"
+    html = f"<html><head>{head}</head><body><article>{body}</article></body></html>"
     page.write_text(html)
     return page, html
 
@@ -56,3 +59,20 @@ def test_dollar_amounts_rendered_as_maths_are_a_problem(tmp_path):
 def test_a_plot_without_a_caption_is_a_problem(tmp_path):
     page, html = page_with(tmp_path, '<div class="cell_output"><img src="plot.png"></div>')
     assert [p for p in inspect_page(page, html, html).problems if "without a caption" in p]
+
+
+def test_progress_bars_and_the_trainers_log_table_are_problems(tmp_path):
+    for text in ("kept:  40%|####      | 2/5 [00:03<00:04,  1.2s/it]", "greedy replies: 3/4 [01:02<00:20, 20.1s/batch]",
+                 "Step Training Loss Validation Loss 1 No log 2.31"):
+        page, html = page_with(tmp_path, f'<div class="cell_output"><pre>{text}</pre></div>')
+        assert [p for p in inspect_page(page, html, html).problems if p.startswith("progress-bar")], text
+    state = '<script type="application/vnd.jupyter.widget-state+json">{"m": {"model_name": "FloatProgressModel"}}</script>'
+    page, html = page_with(tmp_path, f'<div class="cell_output"><pre>40% of the records</pre></div>{state}')
+    assert inspect_page(page, html, html).problems == ["a progress-bar widget saved in the page (make book sets "
+                                                       "ALPACA_NB_PROGRESS=0)"]
+
+
+def test_a_page_with_outputs_must_link_the_line_wrapping_stylesheet(tmp_path):
+    page, html = page_with(tmp_path, '<div class="cell_output"><pre>a long line</pre></div>', head="")
+    assert inspect_page(page, html, html).problems == [
+        "the page does not link cells.css: long lines would scroll sideways"]

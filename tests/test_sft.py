@@ -12,11 +12,12 @@ import yaml
 from alpaca_nb.data import AlpacaRecord, DataError, load_alpaca_data
 from alpaca_nb.models import load_model, load_tokenizer
 from alpaca_nb.sft import (
-    IGNORE_INDEX, PACKED_ATTENTION, PROMPT_INPUT, PROMPT_NO_INPUT, AlpacaCollator, axolotl_dataset_block, build_dataset,
-    compare_replies, enable_packed_attention, ensure_pad_token, export_stanford_json, export_trl_jsonl, format_example,
-    format_prompt, from_trl_prompt_completion, import_stanford_json, import_trl_jsonl, length_grouped_batches,
-    llama_factory_dataset_info, padded_tokens, padding_by_strategy, padding_free_collator, plot_padding,
-    random_batches, to_trl_prompt_completion, token_label_rows, tokenize_example,
+    IGNORE_INDEX, PACKED_ATTENTION, PROMPT_INPUT, PROMPT_NO_INPUT, AlpacaCollator, Reply, axolotl_dataset_block,
+    build_dataset, enable_packed_attention, ensure_pad_token, export_stanford_json, export_trl_jsonl, format_example,
+    format_prompt, from_trl_prompt_completion, greedy_replies, import_stanford_json, import_trl_jsonl,
+    invents_a_section, length_grouped_batches, llama_factory_dataset_info, padded_tokens, padding_by_strategy,
+    padding_free_collator, plot_padding, random_batches, repeats_itself, replies_table, stop_table,
+    to_trl_prompt_completion, token_label_rows, tokenize_example,
 )
 
 
@@ -316,11 +317,41 @@ def test_padding_by_strategy_counts_the_same_real_tokens_and_less_padding(exampl
     assert plot_padding(table).axes
 
 
-def test_compare_replies_puts_each_model_greedy_reply_beside_the_reference(records, tokenizer, eval_model):
-    table = compare_replies(records[:1], {"before": eval_model}, tokenizer, max_new_tokens=4)
-    assert list(table.columns) == ["instruction", "input", "reference output", "before"]
-    assert table.loc[0, "instruction"] == records[0].instruction and table.loc[0, "before"].strip()
-    assert table.loc[0, "before"] == compare_replies(records[:1], {"again": eval_model}, tokenizer, 4).loc[0, "again"]
+def test_greedy_replies_in_a_batch_match_one_prompt_at_a_time(records, tokenizer, eval_model):
+    from alpaca_nb.models import generate_reply
+
+    batched = greedy_replies(eval_model, tokenizer, records[:3], max_new_tokens=8, batch_size=3)
+    for record, reply in zip(records[:3], batched):
+        alone = generate_reply(eval_model, tokenizer, format_prompt(record.instruction, record.input),
+                               max_new_tokens=8, chat_template=False)
+        assert reply.text == alone and reply.new_tokens <= 8
+    assert tokenizer.padding_side == "right"  # restored after the left-padded batches
+
+
+def test_a_reply_cut_by_the_cap_is_not_counted_as_stopped(records, tokenizer, eval_model):
+    replies = greedy_replies(eval_model, tokenizer, records[:2], max_new_tokens=1)
+    assert [reply.stopped for reply in replies] == [False, False] and {reply.new_tokens for reply in replies} == {1}
+    table = stop_table({"cut": replies}, max_new_tokens=1)
+    assert table.loc["cut"].to_dict() == {"replies": 2, "ended with EOS": 0, "cut at 1 tokens": 2, "of which looping": 0,
+                                          "with an invented ### section": 0, "stop rate": 0.0, "median tokens": 1}
+    shown = replies_table(records[:2], {"model": replies}, reference_name="davinci-003")
+    assert list(shown.columns) == ["instruction", "input", "davinci-003", "model"]
+    assert shown.loc[0, "model"].endswith("[cut at the token cap]")
+
+
+def test_stop_table_counts_the_replies_that_ended_themselves_and_why_the_others_ran_on():
+    loop = " ".join(f"{number}. Social Media: {number + 1}. Email Marketing:" for number in range(1, 9, 2))
+    replies = [Reply("a", 3, True), Reply("b\n\n### Explanation:\nwhy", 5, True), Reply(loop, 9, False),
+               Reply("a long answer that the cap cut", 9, False), Reply("d", 2, True)]
+    row = stop_table({"tuned": replies}, max_new_tokens=9).loc["tuned"]
+    assert (row["ended with EOS"], row["cut at 9 tokens"], row["of which looping"], row["stop rate"],
+            row["median tokens"], row["with an invented ### section"]) == (3, 2, 1, 0.6, 5, 1)
+
+
+def test_repeats_itself_and_invents_a_section_see_loops_and_headers_not_ordinary_text():
+    assert repeats_itself("The font should be easy to read. The font should be easy to read. The font should be")
+    assert not repeats_itself("Bubble sort compares neighbours and swaps them until the list is sorted.")
+    assert invents_a_section("An answer.\n\n### Response:\nAnother") and not invents_a_section("Use # for headers")
 
 
 # --------------------------------------------------------------------------- exporters

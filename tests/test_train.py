@@ -22,8 +22,8 @@ import torch
 import yaml
 
 from alpaca_nb.train import (
-    LOSS_CURVE_FILE, TrainConfig, TrainConfigError, _load_records, gradient_accumulation_steps, laptop_config,
-    peft_available, profile_config, train, training_arguments, upstream_config,
+    LOSS_CURVE_FILE, TrainConfig, TrainConfigError, _load_records, book_training_data, gradient_accumulation_steps,
+    laptop_config, peft_available, profile_config, train, training_arguments, upstream_config,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,9 @@ def test_upstream_config_is_the_stanford_alpaca_recipe(tmp_path):
 def test_laptop_config_uses_lora_exactly_when_peft_is_installed(tmp_path):
     config = laptop_config(str(tmp_path))
     assert config.lora == peft_available()
-    assert config.model is None and config.n_examples == 256 and config.n_eval_examples == 32
+    assert config.model is None and config.n_examples is None and config.n_eval_examples == 32
+    assert (config.data, config.epochs, config.lora_r, config.lora_alpha) == ("alpaca_sample", 3.0, 16, 32)
+    assert len(config.lora_target_modules) == 7  # every linear layer of a Llama block, not only q and v
     assert config.padding_free and config.logging_steps == 1
     assert not laptop_config(str(tmp_path), lora=False).lora
 
@@ -142,12 +144,29 @@ def test_profile_config_is_the_laptop_preset_on_the_profiles_sizes(tmp_path):
 
     laptop = profile_config(load_profile("laptop"), str(tmp_path))
     assert (laptop.model, laptop.data, laptop.n_examples, laptop.n_eval_examples, laptop.max_steps) == (
-        None, "alpaca_gpt4_demo", 256, 32, None)
-    assert laptop == replace(laptop_config(str(tmp_path)), n_eval_examples=32)
+        None, "alpaca_sample", 256, 32, None)
+    assert laptop == replace(laptop_config(str(tmp_path)), n_examples=256)
     smoke = profile_config(load_profile("laptop", smoke=True), str(tmp_path))
     assert (smoke.n_examples, smoke.n_eval_examples, smoke.max_steps) == (16, 4, 2)
     cluster = profile_config(load_profile("cluster"), str(tmp_path))
     assert (cluster.model, cluster.data, cluster.lora) == ("huggyllama/llama-7b", "alpaca_data", peft_available())
+
+
+def test_book_training_data_mixes_generated_and_real_records_and_holds_out_the_real_files_end(tmp_path):
+    from alpaca_nb.data import AlpacaRecord, load_alpaca_data
+    from alpaca_nb.profiles import load_profile
+
+    profile = replace(load_profile("laptop"), finetune_examples=50, finetune_eval_examples=10)
+    generated = [AlpacaRecord(f"generated {index}", "", "out") for index in range(20)]
+    data = book_training_data(profile, generated, tmp_path)
+    real = load_alpaca_data(asset="alpaca_sample")
+    assert (data.mix.generated, data.mix.real, list(data.held_out)) == (20, 30, real[-10:])
+    config = profile_config(profile, str(tmp_path / "run"), data)
+    training, held_out = _load_records(config)
+    assert training == list(data.mix.records) and held_out == real[-10:]
+    assert not set(r.instruction for r in training) & set(r.instruction for r in held_out)
+    with pytest.raises(TrainConfigError, match="finetune_eval_examples=100"):
+        book_training_data(replace(profile, finetune_eval_examples=100), generated, tmp_path)
 
 
 def test_resumed_run_ends_with_the_loss_of_an_uninterrupted_run(tiny_llama, tmp_path):
@@ -171,6 +190,43 @@ def test_padding_free_run_follows_the_padded_run(tiny_llama, tmp_path):
                                padding_free=True))
     for (_, a), (_, b) in zip(packed.loss_curve, padded.loss_curve):
         assert a == pytest.approx(b, rel=1e-4)
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["right-padded", "packed"])
+def test_fine_tuning_on_short_answers_teaches_the_model_to_stop(tiny_llama, tmp_path, padding_free):
+    """The end of a response is learned: EOS is a label, in both batchings, and generation stops on it.
+
+    Chapter 4's measure (greedy replies that end with EOS before the cap) on a random model trained on
+    one-word answers. Masking the EOS label (pad == EOS here), dropping it at truncation or generating
+    with another end id would leave every reply running to the cap.
+    """
+    from alpaca_nb.data import AlpacaRecord, load_alpaca_data
+    from alpaca_nb.models import load_model
+    from alpaca_nb.sft import export_stanford_json, greedy_replies
+
+    records = [AlpacaRecord(r.instruction, r.input, "Yes") for r in load_alpaca_data(asset="alpaca_sample")[:20]]
+    data = export_stanford_json(records, tmp_path / "short.json")
+    before, tokenizer = load_model(tiny_llama)
+    assert not any(reply.stopped for reply in greedy_replies(before, tokenizer, records[-4:], max_new_tokens=6))
+    result = train(tiny_config(tiny_llama, tmp_path / "run", data=str(data), n_eval_examples=4, max_steps=40,
+                               learning_rate=1e-2, global_batch_size=8, per_device_batch_size=4, save_steps=100,
+                               logging_steps=10, padding_free=padding_free))
+    after, _ = load_model(result.final_model_dir)
+    replies = greedy_replies(after, tokenizer, records[-4:], max_new_tokens=6)  # held out: never trained on
+    assert [(reply.text, reply.stopped) for reply in replies] == [("Yes", True)] * 4
+
+
+def test_a_watched_run_shows_one_bar_instead_of_a_log_line_per_step(tiny_llama, tmp_path, monkeypatch, capsys):
+    import alpaca_nb.train as train_module
+
+    monkeypatch.setattr(train_module, "_watched", lambda: False)  # a batch job: the Trainer's log lines
+    train(tiny_config(tiny_llama, tmp_path / "job", max_steps=2, save_final_model=False))
+    assert "'loss'" in capsys.readouterr().out
+    monkeypatch.setattr(train_module, "_watched", lambda: True)  # a terminal or a notebook: the bar only
+    monkeypatch.setenv("ALPACA_NB_PROGRESS", "0")  # (and the book build turns the bar off too)
+    train(tiny_config(tiny_llama, tmp_path / "watched", max_steps=2, save_final_model=False))
+    captured = capsys.readouterr()
+    assert "'loss'" not in captured.out + captured.err and "Writing model shards" not in captured.err
 
 
 def test_resume_without_a_checkpoint_says_so(tiny_llama, tmp_path):
@@ -336,8 +392,9 @@ def test_laptop_preset_trains_the_embedded_model_and_saves_a_loadable_model(tmp_
     result = train(config)
 
     assert result.global_step == 2 and len(result.loss_curve) == 2 and result.lora == peft_available()
-    if result.lora:  # rank 8 on q_proj and v_proj of 30 layers: 30 × (576×8 + 8×576 + 576×8 + 8×192) adapters
-        assert result.trainable_parameters == 30 * (2 * 576 * 8 + 576 * 8 + 8 * 192)
+    if result.lora:  # rank 16 on the 7 projections of 30 layers: r × (in + out) each; k/v project to 192
+        in_plus_out = 2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536)
+        assert result.trainable_parameters == 30 * 16 * in_plus_out
         assert 134e6 < result.total_parameters - result.trainable_parameters < 135e6
     assert all(0 < loss < 10 for _, loss in result.loss_curve)  # a pretrained model, not a random one (~10.8)
     model, tokenizer = load_model(result.final_model_dir)
