@@ -422,9 +422,16 @@ class _ServerProcess:
     def __init__(self, process: subprocess.Popen, log: Path) -> None:
         self.process, self.log = process, log
 
-    def exit_message(self) -> str | None:
-        """Return why the process is gone (exit code or signal, the log's path and tail), or None while it runs."""
-        code = self.process.poll()
+    def exit_message(self, grace_seconds: float = 0.0) -> str | None:
+        """Return why the process is gone (exit code or signal, the log's path and tail), or None while it runs.
+
+        ``grace_seconds``: a killed server's sockets close while the kernel is still ending the process, so a
+        failed call can arrive before the exit is visible; wait that long for it.
+        """
+        try:
+            code = self.process.wait(timeout=grace_seconds) if grace_seconds > 0 else self.process.poll()
+        except subprocess.TimeoutExpired:
+            code = None
         if code is None:
             return None
         return (f"the local llama.cpp server (pid {self.process.pid}) exited: {_describe_exit(code)}; "
@@ -437,7 +444,7 @@ _LOCAL_SERVERS: dict[str, _ServerProcess] = {}
 
 def _exited_server_message(base_url: str | None) -> str | None:
     server = _LOCAL_SERVERS.get(base_url or "")
-    return server.exit_message() if server is not None else None
+    return server.exit_message(grace_seconds=0.5) if server is not None else None
 
 
 def _describe_exit(code: int) -> str:
