@@ -125,7 +125,7 @@ check-book:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || $(MAKE) --no-print-directory chromium
 	$(BIN)/python tests/check_built_book.py _build/html --screenshots _build/screenshots \
 	  --expect 01_seed_tasks=images:2,widgets:1 --expect 02_self_instruct=images:2,widgets:1 --expect 03_costs=images:1,widgets:1 \
-	  --expect 04_fine_tuning=images:2,widgets:1
+	  --expect 04_fine_tuning=images:2,widgets:1 --expect 05_evaluation=images:2,widgets:1
 
 .PHONY: chromium
 chromium:

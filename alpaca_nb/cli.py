@@ -80,7 +80,8 @@ def _self_check() -> int:
 
 def _assets(_args: argparse.Namespace) -> int:
     for asset in ASSETS.values():
-        print(f"{asset.name:18s} {asset.records or '-':>6} records  {asset.licence}\n{'':18s} {asset.url}")
+        source = asset.url or "derived from upstream files (SOURCES.md); no upstream download"
+        print(f"{asset.name:28s} {asset.records or '-':>6} records  {asset.licence}\n{'':28s} {source}")
     return 0
 
 
@@ -130,6 +131,54 @@ def _generate(args: argparse.Namespace) -> int:
     return 0 if report.stopped_reason.startswith("done") else 1
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    """Chapter 5 for one system: replies, probes, TruthfulQA and the judge, written to --out."""
+    import contextlib
+
+    from alpaca_nb.evaluate import native_template, run_evaluation
+    from alpaca_nb.judge import judge_endpoint
+    from alpaca_nb.llm import Endpoint
+    from alpaca_nb.profiles import current_profile
+
+    profile = current_profile()
+    source: dict = {}
+    if args.base_url:
+        if not args.model:
+            print("alpaca-nb evaluate: --model is required with --base-url", file=sys.stderr)
+            return 2
+        source["endpoint"] = Endpoint(args.base_url, args.model, timeout=600)
+        template, system = args.template or "chat", args.system or args.model
+    else:
+        from alpaca_nb.models import load_model
+
+        source["model"], source["tokenizer"] = load_model(args.model)
+        template, system = args.template or native_template(source["tokenizer"]), args.system or (args.model or "embedded")
+    with contextlib.ExitStack() as stack:
+        judge = None if args.no_judge else stack.enter_context(judge_endpoint(profile))
+        results = run_evaluation(
+            args.out, system, template=template, instructions=args.instructions or profile.eval_instructions,
+            max_new_tokens=profile.eval_max_new_tokens, probe_max_new_tokens=profile.probe_max_new_tokens,
+            truthfulqa_questions=(profile.truthfulqa_questions or None) if args.truthfulqa is None else (args.truthfulqa or None),
+            judge=judge, judge_calibration_pairs=profile.judge_calibration_pairs,
+            judge_budget_usd=profile.judge_budget_usd or None, concurrency=profile.generate_concurrency, **source)
+    h = results.hallucination
+    print(f"{results.system} ({results.template} template): {len(results.replies)} replies; probes: {h['incorrect']} of "
+          f"{h['probes']} wrong ({h['rate']:.0%}, 95 % {h['ci'][0]:.0%} to {h['ci'][1]:.0%}), {h['abstained']} abstained")
+    if results.truthfulqa:
+        t = results.truthfulqa
+        print(f"TruthfulQA ({t['questions']} of {t['of']}): MC1 {t['mc1']:.1%}, MC2 {t['mc2']:.1%}")
+    if results.judge and "win_rate" in results.judge:
+        w, c = results.judge["win_rate"], results.judge.get("calibration")
+        print(f"judge {results.judge['judge']}: win rate against text-davinci-003 {w['rate']:.0%} "
+              f"(95 % {w['ci_low']:.0%} to {w['ci_high']:.0%})"
+              + (f"; agrees with GPT-4 on {c['agreement']:.0%} of {c['pairs']} AlpacaEval pairs, "
+                 f"contradicts itself on {c['contradictions']:.0%}" if c else ""))
+    if results.judge and results.judge["stopped_reason"]:
+        print(f"judge {results.judge['stopped_reason']}", file=sys.stderr)
+    print(f"results: {args.out}/results.json (alpaca_nb.evaluate.read_evaluation)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``alpaca-nb`` command."""
     parser = argparse.ArgumentParser(prog="alpaca-nb", description=__doc__)
@@ -171,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "(llama.cpp servers); json_schema: structured outputs (APIs that offer them). Default: "
                           "grammar for the embedded server, upstream with --base-url")
     gen.set_defaults(run=_generate)
+    evaluate = commands.add_parser("evaluate", help="chapter 5 for one model: replies, probes, TruthfulQA, LLM judge")
+    evaluate.add_argument("--out", required=True, help="folder for results.json, the reply and judge caches, the ledger")
+    evaluate.add_argument("--model", default=None, help="local path or Hugging Face id (default: the embedded model); "
+                          "with --base-url, the model name at that endpoint")
+    evaluate.add_argument("--base-url", default=None, help="take the replies from this OpenAI-compatible /v1 URL")
+    evaluate.add_argument("--template", choices=["chat", "alpaca"], default=None,
+                          help="how instructions are asked (default: chat for models with a chat template, else alpaca)")
+    evaluate.add_argument("--system", default=None, help="the name the results give this model")
+    evaluate.add_argument("--instructions", type=int, default=None, help="user-oriented instructions (default: the profile's)")
+    evaluate.add_argument("--truthfulqa", type=int, default=None, help="TruthfulQA questions, 0 = all (default: the profile's)")
+    evaluate.add_argument("--no-judge", action="store_true", help="skip the LLM judge (default: the profile's judge)")
+    evaluate.set_defaults(run=_evaluate)
     # Listed for --help only: main() hands `alpaca-nb train ...` to alpaca_nb.train's own parser.
     commands.add_parser("train", help="fine-tune on Alpaca data (options: alpaca-nb train --help)", add_help=False)
     return parser

@@ -49,6 +49,15 @@ class Profile:
     finetune_examples: int
     finetune_eval_examples: int
     finetune_max_steps: int
+    eval_instructions: int
+    eval_max_new_tokens: int
+    probe_max_new_tokens: int
+    eval_probes: int
+    truthfulqa_questions: int
+    judge_base_url: str
+    judge_model: str
+    judge_calibration_pairs: int
+    judge_budget_usd: float
     smoke: bool = False
 
     def run_dir(self, stage: str) -> Path:
@@ -59,7 +68,7 @@ class Profile:
 
     def as_rows(self) -> list[tuple[str, str]]:
         """Return (setting, value) pairs for display, naming the embedded model where a field is empty."""
-        embedded = {"teacher_base_url": "embedded llama.cpp server"}
+        embedded = {"teacher_base_url": "embedded llama.cpp server", "judge_base_url": "embedded llama.cpp server"}
         return [(key, str(value) if value != "" else embedded.get(key, "embedded SmolLM2-135M-Instruct"))
                 for key, value in asdict(self).items()]
 

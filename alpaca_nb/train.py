@@ -180,6 +180,40 @@ def book_training_data(profile, generated: Sequence[Any], folder: str | os.PathL
     return BookData(mix, held_out, path)
 
 
+def book_fine_tune_dir(profile) -> Path:
+    """Return the folder of chapter 4's fine-tune, whose final model chapter 5 evaluates."""
+    return profile.run_dir("fine-tune")
+
+
+@dataclass(frozen=True)
+class BookFineTune:
+    data: BookData
+    config: TrainConfig
+    result: TrainResult
+
+
+def run_book_fine_tune(profile) -> BookFineTune:
+    """Run chapter 4's fine-tune afresh (chapter 2's kept records topped up with real ones) in its book folder."""
+    import shutil
+
+    from alpaca_nb.selfinstruct import ensure_book_generation, kept_records
+
+    folder = book_fine_tune_dir(profile)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    data = book_training_data(profile, kept_records(ensure_book_generation(profile)), folder)
+    config = profile_config(profile, str(folder / "run"), data)
+    return BookFineTune(data, config, train(config))
+
+
+def ensure_book_fine_tune(profile) -> Path:
+    """Return chapter 4's fine-tuned model folder, running chapter 4's fine-tune first if it is not there."""
+    final = book_fine_tune_dir(profile) / "run" / FINAL_DIR
+    if not (final / "config.json").is_file():
+        run_book_fine_tune(profile)
+    return final
+
+
 def profile_config(profile, output_dir: str, data: BookData | None = None) -> TrainConfig:
     """Return chapter 4's run for a profile: the laptop preset on its model, data and sizes (LoRA).
 

@@ -7,7 +7,7 @@ book (no kernel) shows real content.
 from __future__ import annotations
 
 import html
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ipywidgets as widgets
 
@@ -122,3 +122,67 @@ def label_mask_widget(records: Sequence[object], tokenizer: object, start: int =
     picker.observe(refresh, names="value")
     refresh()
     return widgets.VBox([picker, view])
+
+
+def blind_vote_widget(pairs_for: Callable[[str], Sequence[object]], votes_path: str, rater: str = "") -> widgets.VBox:
+    """Return the blind pairwise comparison: a rater's name, one instruction with answers A and B, four buttons.
+
+    ``pairs_for(rater)`` returns that rater's blind pairs (``evaluate.blind_pairs``: order random per item,
+    seeded per rater). Each vote is appended to ``votes_path`` at once, so a rater who comes back resumes
+    at the first pair not yet voted on. The tally, with the raters' agreement, shows only when asked for.
+    """
+    from alpaca_nb.evaluate import next_pair, rater_agreement, read_votes, record_vote, tally
+
+    name = widgets.Text(value=rater, description="rater", placeholder="your name")
+    item = widgets.HTML()
+    buttons = {choice: widgets.Button(description=label) for choice, label in
+               (("A", "A is better"), ("B", "B is better"), ("tie", "tie"), ("skip", "skip"))}
+    show = widgets.Button(description="show the tally")
+    result = widgets.HTML()
+    current: dict[str, object] = {}
+
+    def refresh(_change: object = None) -> None:
+        result.value = ""
+        if not name.value.strip():
+            current.pop("pair", None)
+            item.value = "<p>Type your name to start (each rater sees the answers in their own random order).</p>"
+            return
+        pairs = pairs_for(name.value.strip())
+        votes = [vote for vote in read_votes(votes_path) if vote.rater == name.value.strip()]
+        pair = next_pair(pairs, votes, name.value)
+        current["pair"] = pair
+        if pair is None:
+            item.value = f"<p>All {len(pairs)} pairs voted on. Thank you.</p>"
+            return
+        answer = "<div style='white-space:pre-wrap; border:1px solid #ccc; padding:4px'>{}</div>"
+        item.value = (f"<p>Pair {len(votes) + 1} of {len(pairs)}</p><p><b>{html.escape(pair.instruction)}</b></p>"
+                      + (f"<p>{html.escape(pair.input)}</p>" if pair.input else "")
+                      + f"<p>A</p>{answer.format(html.escape(pair.answer_a))}"
+                      + f"<p>B</p>{answer.format(html.escape(pair.answer_b))}")
+
+    def vote(choice: str) -> None:
+        pair = current.get("pair")
+        if pair is not None:
+            record_vote(votes_path, name.value, pair, choice)
+        refresh()
+
+    def show_tally(_button: object = None) -> None:
+        votes = read_votes(votes_path)
+        systems = sorted({system for vote in votes for system in (vote.system_a, vote.system_b)})
+        if len(systems) != 2:
+            result.value = "<p>No votes yet.</p>"
+            return
+        rate = tally(votes, systems[0], systems[1])
+        agreement = rater_agreement(votes)
+        agreed = ("" if agreement is None else
+                  f"<br>{agreement.statistic} = {agreement.kappa:.2f} ({agreement.raters} raters, {agreement.items} shared items)")
+        result.value = (f"<p>{html.escape(systems[0])} against {html.escape(systems[1])}: {rate.wins} wins, {rate.losses} "
+                        f"losses, {rate.ties} ties; win rate {rate.rate:.0%} (95 % {rate.ci_low:.0%} to {rate.ci_high:.0%}), "
+                        f"sign test p = {rate.p_value:.2f}{agreed}</p>")
+
+    for choice, button in buttons.items():
+        button.on_click(lambda _button, choice=choice: vote(choice))
+    show.on_click(show_tally)
+    name.observe(refresh, names="value")
+    refresh()
+    return widgets.VBox([name, item, widgets.HBox(list(buttons.values())), show, result])

@@ -45,5 +45,23 @@ def isolated_cache(tmp_path, monkeypatch):
     return cache
 
 
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """Return a folder with a 2-layer random Llama on the embedded model's config and tokenizer (3.3M params)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alpaca_nb.models import embedded_model_dir, load_tokenizer
+
+    config = LlamaConfig.from_pretrained(embedded_model_dir())
+    config.update({"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "head_dim": 16})
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    load_tokenizer().save_pretrained(folder)
+    return folder
+
+
 # Fixtures for the embedded llama.cpp server and the fault-injecting proxy live in their own module.
 pytest_plugins = ["llm_fixtures"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -79,8 +80,10 @@ def test_every_file_in_the_data_dir_matches_its_pinned_hash():
     for name, asset in ASSETS.items():
         if name == "alpaca_data":
             continue  # the 52K file is not available offline
-        path = resolve(name, allow_download=False)
-        assert git_blob_id(path.read_bytes()) == asset.git_blob, name
+        data = resolve(name, allow_download=False).read_bytes()
+        assert asset.sha256 or asset.git_blob, name
+        assert asset.sha256 is None or hashlib.sha256(data).hexdigest() == asset.sha256, name
+        assert asset.git_blob is None or git_blob_id(data) == asset.git_blob, name
 
 
 def test_git_blob_id_matches_git_hash_object():
@@ -90,7 +93,8 @@ def test_git_blob_id_matches_git_hash_object():
 def test_describe_assets_lists_every_asset_with_url_and_licence():
     table = describe_assets()
     assert set(table["asset"]) == set(ASSETS)
-    assert table["pinned source"].str.startswith("https://raw.githubusercontent.com/").all()
+    upstream = table["pinned source"].str.startswith("https://raw.githubusercontent.com/")
+    assert set(table.loc[~upstream, "asset"]) == {"instruction_difficulty"}  # derived here, SOURCES.md says how
     assert ASSETS["alpaca_data"].records == 52002
 
 
@@ -220,3 +224,115 @@ def test_empty_outputs_can_be_kept_on_request_and_are_counted(tmp_path):
 
 def test_data_error_is_a_value_error():
     assert issubclass(DataError, ValueError)
+
+
+# ----------------------------------------------------------------------------- evaluation files (chapter 5)
+
+
+def test_davinci_answers_follow_the_252_instructions_in_order():
+    from alpaca_nb.data import load_davinci_eval_answers, load_eval_instructions
+
+    answers, instructions = load_davinci_eval_answers(), load_eval_instructions()
+    assert len(answers) == 252 and answers[0].generator == "text-davinci-003"
+    assert [a.instruction for a in answers] == [i.instruction for i in instructions]
+    assert sum(not a.output.strip() for a in answers) == 0
+
+
+def _lines(upstream_dir, name):
+    return (upstream_dir / name).read_text().splitlines()
+
+
+def test_davinci_answers_of_the_wrong_length_or_order_are_refused(upstream_dir, tmp_path):
+    from alpaca_nb.data import load_davinci_eval_answers
+
+    lines = _lines(upstream_dir, "self_instruct_text-davinci-003_predictions.jsonl")
+    short = tmp_path / "short.jsonl"
+    short.write_text("\n".join(lines[:251]) + "\n")
+    with pytest.raises(DataError, match=r"short\.jsonl: 251 answers for 252 evaluation instructions"):
+        load_davinci_eval_answers(short)
+    swapped = tmp_path / "swapped.jsonl"
+    swapped.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")
+    with pytest.raises(DataError, match=r"swapped\.jsonl, line 1, field 'instruction': does not match instruction 0"):
+        load_davinci_eval_answers(swapped)
+    missing = tmp_path / "missing.jsonl"
+    record = json.loads(lines[0])
+    del record["response"]
+    missing.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    with pytest.raises(DataError, match=r"missing\.jsonl, line 1, field 'response': missing"):
+        load_davinci_eval_answers(missing)
+
+
+def test_alpaca_eval_files_load_as_typed_records():
+    from alpaca_nb.data import load_alpaca_eval_annotations, load_alpaca_eval_outputs, load_leaderboard
+
+    alpaca, davinci = load_alpaca_eval_outputs(), load_alpaca_eval_outputs("alpaca_eval_davinci_003")
+    assert len(alpaca) == len(davinci) == 805 and alpaca[0].generator == "alpaca-7b"
+    assert [a.instruction for a in alpaca] == [d.instruction for d in davinci]
+    judgements = load_alpaca_eval_annotations()
+    assert {j.preference for j in judgements} == {0.0, 1.0, 2.0}
+    board = load_leaderboard()
+    assert board["alpaca-7b"].n_total == 805 and board["alpaca-7b"].length_controlled_winrate == pytest.approx(26.295, abs=1e-3)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"preference": 3}, r"record 1, field 'preference': 3 is neither 0 \(draw\) nor in \[1, 2\]"),
+    ({"preference": "strong"}, r"record 1, field 'preference': expected a number, got 'strong'"),
+    ({"output_2": None}, r"record 1, field 'output_2': expected str"),
+])
+def test_a_bad_annotation_is_refused_with_its_record_and_field(upstream_dir, tmp_path, change, message):
+    from alpaca_nb.data import load_alpaca_eval_annotations
+
+    records = json.loads((upstream_dir / "alpaca_eval_gpt4_annotations_alpaca-7b.json").read_text())[:3]
+    records[1].update(change)
+    path = tmp_path / "annotations.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=message):
+        load_alpaca_eval_annotations(path=path)
+
+
+def test_a_leaderboard_without_its_columns_is_refused(tmp_path):
+    from alpaca_nb.data import load_leaderboard
+
+    path = tmp_path / "board.csv"
+    path.write_text(",win_rate\nalpaca-7b,26.4\n")
+    with pytest.raises(DataError, match=r"board\.csv, line 1: missing column\(s\) standard_error"):
+        load_leaderboard(path)
+    path.write_text(",win_rate,standard_error,n_wins,n_wins_base,n_draws,n_total,avg_length\nm,high,1,1,1,0,2,3\n")
+    with pytest.raises(DataError, match=r"board\.csv, line 2, field 'win_rate': expected a number, got 'high'"):
+        load_leaderboard(path)
+
+
+def test_the_derived_difficulty_file_says_it_has_no_download(isolated_cache, monkeypatch):
+    from alpaca_nb.data import load_instruction_difficulty
+
+    with pytest.raises(DataError, match=r"derived from upstream files and has no upstream download"):
+        load_instruction_difficulty()
+
+
+def test_instruction_difficulties_cover_alpaca_evals_805_instructions():
+    from alpaca_nb.data import load_alpaca_eval_outputs, load_instruction_difficulty
+
+    difficulty = load_instruction_difficulty()
+    assert len(difficulty) == 805
+    assert {a.instruction for a in load_alpaca_eval_outputs()} == set(difficulty)
+
+
+def test_truthfulqa_questions_carry_their_targets_and_category():
+    from alpaca_nb.data import load_truthfulqa_mc
+
+    questions = load_truthfulqa_mc()
+    assert len(questions) == 790 and questions[0].category == "Misconceptions"
+    assert all(sum(q.mc1_targets.values()) == 1 for q in questions)
+    assert "unknown" not in {q.category for q in questions}
+
+
+def test_a_truthfulqa_question_with_two_true_mc1_answers_is_refused(upstream_dir, tmp_path):
+    from alpaca_nb.data import load_truthfulqa_mc
+
+    records = json.loads((upstream_dir / "TruthfulQA_mc_task.json").read_text())[:2]
+    first_false = next(answer for answer, label in records[1]["mc1_targets"].items() if label == 0)
+    records[1]["mc1_targets"][first_false] = 1
+    path = tmp_path / "mc.json"
+    path.write_text(json.dumps(records))
+    with pytest.raises(DataError, match=r"mc\.json, record 1, field 'mc1_targets': 2 true answers; MC1 needs exactly one"):
+        load_truthfulqa_mc(path)

@@ -437,4 +437,9 @@ def test_mix_records_takes_every_generated_record_first_then_tops_up_with_real_o
     assert mix_records(generated, real, size=2, real_source="x").real == 0
     with_empty = mix_records([*generated, AlpacaRecord("generated 3", "an input", " ")], real, 6, "alpaca_sample")
     assert with_empty.records == mix.records and with_empty.empty_outputs == 1
-    assert "(1 generated with an empty output left out)" in with_empty.summary()
+    assert "(1 with an empty output left out)" in with_empty.summary()
+    loop = "Buy now and save. Buy now and save. Buy now and save. Buy now and save."
+    with_loop = mix_records([*generated, AlpacaRecord("generated 3", "", loop), AlpacaRecord("generated 4", "", "")],
+                            real, 6, "alpaca_sample")
+    assert with_loop.records == mix.records and (with_loop.empty_outputs, with_loop.looping_outputs) == (1, 1)
+    assert "(1 with an empty output and 1 with a looping output left out)" in with_loop.summary()

@@ -18,7 +18,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from alpaca_nb.train import (
@@ -29,23 +28,6 @@ from alpaca_nb.train import (
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = ROOT / "configs" / "accelerate"
 SBATCH = ROOT / "configs" / "slurm" / "alpaca_train.sbatch"
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> Path:
-    """Return a folder with a 2-layer random Llama on the embedded model's config and tokenizer (3.3M params)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from alpaca_nb.models import embedded_model_dir, load_tokenizer
-
-    config = LlamaConfig.from_pretrained(embedded_model_dir())
-    config.update({"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
-                   "num_key_value_heads": 2, "head_dim": 16})
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    load_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def tiny_config(model: Path, output_dir: Path, **changes) -> TrainConfig:
@@ -167,6 +149,26 @@ def test_book_training_data_mixes_generated_and_real_records_and_holds_out_the_r
     assert not set(r.instruction for r in training) & set(r.instruction for r in held_out)
     with pytest.raises(TrainConfigError, match="finetune_eval_examples=100"):
         book_training_data(replace(profile, finetune_eval_examples=100), generated, tmp_path)
+
+
+def test_chapter_5_reuses_chapter_4s_fine_tune_and_runs_it_only_when_it_is_missing(tmp_path, monkeypatch):
+    import alpaca_nb.train as train_module
+    from alpaca_nb.profiles import load_profile
+    from alpaca_nb.train import book_fine_tune_dir, ensure_book_fine_tune
+
+    monkeypatch.setenv("ALPACA_NB_CACHE_DIR", str(tmp_path))
+    profile = load_profile("laptop", smoke=True)
+    runs = []
+
+    def fine_tune(chosen):  # stands in for the minutes-long run: it writes what train() would leave
+        runs.append(chosen)
+        (book_fine_tune_dir(chosen) / "run" / "final").mkdir(parents=True)
+        (book_fine_tune_dir(chosen) / "run" / "final" / "config.json").write_text("{}")
+
+    monkeypatch.setattr(train_module, "run_book_fine_tune", fine_tune)
+    final = ensure_book_fine_tune(profile)
+    assert final == tmp_path / "runs" / "laptop-smoke" / "fine-tune" / "run" / "final" and runs == [profile]
+    assert ensure_book_fine_tune(profile) == final and len(runs) == 1  # found: not run again
 
 
 def test_resumed_run_ends_with_the_loss_of_an_uninterrupted_run(tiny_llama, tmp_path):

@@ -77,3 +77,35 @@ def test_label_mask_widget_colours_prompt_and_target_tokens_and_follows_the_pick
     assert "&lt;|im_end|&gt;" in view.value and "<|im_end|>" not in view.value and "<script" not in view.value
     picker.value = 1
     assert "Input" in view.value and f"{len(token_label_rows(records[1], tokenizer))} tokens" in view.value
+
+
+def test_blind_vote_widget_records_votes_resumes_and_shows_the_tally_only_when_asked(tmp_path):
+    from types import SimpleNamespace
+
+    from alpaca_nb.evaluate import blind_pairs, read_votes
+    from alpaca_nb.widgets import blind_vote_widget
+
+    items = [SimpleNamespace(id=f"i{index}", instruction=f"Question {index} <b>", input="") for index in range(3)]
+    first, second = [f"one {index}" for index in range(3)], [f"two {index}" for index in range(3)]
+    votes = tmp_path / "votes.jsonl"
+
+    def pairs_for(rater):
+        return blind_pairs(rater, items, first, second, ("alpaca", "davinci"))
+
+    name, item, buttons, show, result = blind_vote_widget(pairs_for, str(votes)).children
+    assert "Type your name" in item.value
+    name.value = "ann"
+    assert "Pair 1 of 3" in item.value and "Question 0 &lt;b&gt;" in item.value
+    assert "alpaca" not in item.value and "davinci" not in item.value  # the systems stay hidden
+    better_a, better_b, tie, skip = buttons.children
+    better_a.click()
+    skip.click()
+    assert [vote.choice for vote in read_votes(votes)] == ["A", "skip"] and "Pair 3 of 3" in item.value
+    assert result.value == ""  # no tally until asked
+    # A new widget for the same rater resumes at the first pair not voted on.
+    again = blind_vote_widget(pairs_for, str(votes), rater="ann").children
+    assert "Pair 3 of 3" in again[1].value
+    tie.click()
+    assert "All 3 pairs voted on" in item.value
+    show.click()
+    assert "alpaca against davinci" in result.value and "1 ties" in result.value
