@@ -46,8 +46,8 @@ _CHOICE = re.compile(r"output\s*\(?\s*([ab])\s*\)?", re.IGNORECASE)
 
 
 def judge_prompt() -> str:
-    """Return the shipped pairwise prompt (``alpaca_nb/judge_prompt.txt``), with its three fields."""
-    return (resources.files("alpaca_nb") / "judge_prompt.txt").read_text(encoding="utf-8")
+    """Return the shipped pairwise prompt (``alpaca_nb/judge_template.txt``), with its three fields."""
+    return (resources.files("alpaca_nb") / "judge_template.txt").read_text(encoding="utf-8")
 
 
 def parse_choice(reply: str) -> str | None:

@@ -38,3 +38,20 @@ def test_conda_installs_the_same_pins_as_the_makefile():
     assert makefile_variable("LOCK") == "requirements.lock"
     assert "$(LOCK_CONSTRAINT) -e \".[book,dev]\"" in (REPO / "Makefile").read_text()
     assert "-e .[book,dev]" in pip_section
+
+
+def test_a_built_wheel_carries_the_package_data_files(tmp_path):
+    """The probe set, the judge's template and the price and profile tables ship inside the wheel, not only
+    in an editable checkout."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+                    str(root)], check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("alpaca_nb-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for data_file in ("probes.jsonl", "judge_template.txt", "prices.toml", "profiles.toml"):
+        assert f"alpaca_nb/{data_file}" in names, data_file
