@@ -40,6 +40,7 @@ __all__ = [
     "comparisons_needed",
     "fleiss_kappa",
     "generate_replies",
+    "instruction_text",
     "interval_from_standard_error",
     "length_controlled_win_rate",
     "native_template",
@@ -49,6 +50,7 @@ __all__ = [
     "read_evaluation",
     "read_votes",
     "record_vote",
+    "replies_side_by_side",
     "run_evaluation",
     "tally",
     "wilson_interval",
@@ -138,8 +140,23 @@ def native_template(tokenizer: Any) -> str:
     return "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
 
 
-def _user_message(instruction: str, input: str) -> str:  # noqa: A002 - the upstream field name
+def instruction_text(instruction: str, input: str) -> str:  # noqa: A002 - the upstream field name
+    """Return an instruction as one message: the instruction, then its input (if any) after a blank line."""
     return f"{instruction}\n\n{input}" if input.strip() else instruction
+
+
+def replies_side_by_side(instructions: Sequence[Any], reference: Sequence[Any], reference_name: str,
+                         replies: dict[str, Sequence[SystemReply]]) -> "pd.DataFrame":
+    """Return a table: each instruction, the reference answer (a column named ``reference_name``), then each
+    system's reply, marked where the token cap cut it."""
+    import pandas as pd
+
+    columns = {"instruction": [instruction_text(item.instruction, item.input) for item in instructions],
+               reference_name: [answer.output for answer in reference[:len(instructions)]]}
+    for system, texts in replies.items():
+        columns[system] = [r.output if r.stopped is not False else f"{r.output} [cut at the token cap]"
+                           for r in texts[:len(instructions)]]
+    return pd.DataFrame(columns)
 
 
 def _cache_key(system: str, template: str, max_new_tokens: int, instruction: str, input: str) -> str:  # noqa: A002
@@ -169,7 +186,7 @@ def _prompts(items: Sequence[Any], template: str, tokenizer: Any) -> list[str]:
 
     if template == "alpaca":
         return [format_prompt(item.instruction, item.input) for item in items]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": _user_message(item.instruction, item.input)}],
+    return [tokenizer.apply_chat_template([{"role": "user", "content": instruction_text(item.instruction, item.input)}],
                                           tokenize=False, add_generation_prompt=True) for item in items]
 
 
@@ -187,7 +204,7 @@ def _endpoint_replies(items, template, endpoint, max_new_tokens) -> list[tuple[s
     replies = []
     for item in items:
         prompt = (format_prompt(item.instruction, item.input) if template == "alpaca"
-                  else [{"role": "user", "content": _user_message(item.instruction, item.input)}])
+                  else [{"role": "user", "content": instruction_text(item.instruction, item.input)}])
         completion = endpoint.complete(prompt, max_tokens=max_new_tokens, temperature=0.0)
         replies.append((completion.text.strip(), completion.finish_reason == "stop"))
     return replies

@@ -239,11 +239,11 @@ def calibration_pairs(annotations: Sequence[PairwiseJudgement], count: int,
 def reply_pairs(reference: Sequence[Any], replies: Sequence[Any], reference_name: str,
                 system_name: str) -> list[PairwiseJudgement]:
     """Return AlpacaEval-format pairs: the reference answer as output_1, the system's reply as output_2."""
-    pairs = []
-    for answer, reply in zip(reference, replies, strict=True):
-        instruction = f"{answer.instruction}\n\n{answer.input}".strip()
-        pairs.append(PairwiseJudgement(instruction, answer.output, reply.output, reference_name, system_name, None))
-    return pairs
+    from alpaca_nb.evaluate import instruction_text
+
+    return [PairwiseJudgement(instruction_text(answer.instruction, answer.input), answer.output, reply.output,
+                              reference_name, system_name, None)
+            for answer, reply in zip(reference, replies, strict=True)]
 
 
 def verdict_table(runs: dict[str, JudgeRun]) -> "pd.DataFrame":

@@ -146,6 +146,19 @@ def test_batched_chat_replies_match_one_at_a_time(tiny):
         assert (reply.system, reply.template, reply.max_new_tokens) == ("tiny", "chat", 6)
 
 
+def test_replies_side_by_side_name_whose_answer_is_whose_and_mark_a_cut_reply():
+    from alpaca_nb.data import SystemAnswer
+    from alpaca_nb.evaluate import SystemReply, instruction_text, replies_side_by_side
+
+    reference = [SystemAnswer(i.instruction, i.input, f"reference {n}", "text-davinci-003") for n, i in enumerate(INSTRUCTIONS)]
+    replies = [SystemReply("tuned", i.instruction, i.input, f"reply {n}", "alpaca", n != 1, 8) for n, i in enumerate(INSTRUCTIONS)]
+    table = replies_side_by_side(INSTRUCTIONS[:2], reference, "davinci", {"tuned": replies})
+    assert list(table.columns) == ["instruction", "davinci", "tuned"] and len(table) == 2
+    assert table.loc[1, "instruction"] == instruction_text("Translate to French.", "Good morning, my friend.") == \
+        "Translate to French.\n\nGood morning, my friend."
+    assert table.loc[0, "tuned"] == "reply 0" and table.loc[1, "tuned"] == "reply 1 [cut at the token cap]"
+
+
 def test_replies_are_cached_on_disk_and_a_rerun_generates_only_what_is_missing(tiny, tmp_path):
     model, tokenizer = tiny
     cache = tmp_path / "replies.jsonl"
