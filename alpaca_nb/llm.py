@@ -150,6 +150,12 @@ class Endpoint:
             weakref.WeakKeyDictionary()
         )
 
+    def copy(self) -> "Endpoint":
+        """Return an endpoint with the same settings and key but its own clients and no ``on_call`` hook, for a
+        second run beside this one (``selfinstruct.generate`` sets the hook to its own ledger)."""
+        return Endpoint(self.base_url, self.model, self.api_key_env, self.api, self.timeout, self.max_retries,
+                        self.backoff_base, self.backoff_max)
+
     def __repr__(self) -> str:
         return (f"Endpoint(base_url={self.base_url!r}, model={self.model!r}, api={self.api!r}, "
                 f"api_key_env={self.api_key_env!r})")

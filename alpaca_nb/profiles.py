@@ -39,6 +39,7 @@ class Profile:
     generate_max_requests: int
     generate_max_tokens: int
     generate_temperature: float
+    compare_temperature: float
     generate_format: str
     constrained_format: str
     generate_compare_requests: int

@@ -205,7 +205,7 @@ class FormatConstraint:
 
     kind: str = "grammar"
     first_number: int = 4
-    blocks: int = 5
+    blocks: int = 8
     max_field_chars: int = 300
 
     def __post_init__(self) -> None:
@@ -508,10 +508,15 @@ class _Limits:
     max_failures: int
 
     def may_start(self, run: _Run, in_flight: int) -> bool:
-        """Return True while another request may start (target not met, no stop, under every limit)."""
-        under_requests = self.max_requests is None or run.report.requests + in_flight < self.max_requests
-        return (in_flight < self.concurrency and run.report.kept < self.target and under_requests
-                and not run.report.stopped_reason)
+        """Return True while another request may start (target not met, no stop, under every limit), and the
+        requests in flight, at the run's kept-per-request so far, are not expected to reach the target already:
+        with many in flight, finishing them overshoots by their whole yield, time and money spent for nothing.
+        If they fall short, requests start again as they finish."""
+        report = run.report
+        under_requests = self.max_requests is None or report.requests + in_flight < self.max_requests
+        expected = report.kept + (in_flight * report.kept / report.requests if report.requests else 0)
+        return (in_flight < self.concurrency and expected < self.target and under_requests
+                and not report.stopped_reason)
 
 
 async def _drive(run: _Run, limits: _Limits, progress: bool) -> None:
@@ -615,15 +620,17 @@ class Funnel:
 
 
 def book_funnels(profile: Any) -> list[Funnel]:
-    """Return chapter 2's three funnels, all on the same prompts: upstream as Alpaca ran it, upstream at the
-    profile's temperature, and constrained at that temperature; each changes one thing from the one before."""
+    """Return chapter 2's three funnels, all on the same prompts: upstream as Alpaca ran it, then two that each
+    change one thing from it: a cooler temperature (``compare_temperature``), or the format constraint (at the
+    live run's ``generate_temperature``)."""
     upstream = SamplingSettings(max_tokens=profile.generate_max_tokens)
-    cooler = replace(upstream, temperature=profile.generate_temperature)
+    cooler = replace(upstream, temperature=profile.compare_temperature)
+    live = replace(upstream, temperature=profile.generate_temperature)
     constraint = format_constraint(profile.constrained_format, upstream.num_prompt_instructions)
     return [
         Funnel(f"upstream prompt, temperature {upstream.temperature:.1f} (as Alpaca)", "upstream-t1", upstream, None),
         Funnel(f"upstream prompt, temperature {cooler.temperature:.1f}", "upstream-cooler", cooler, None),
-        Funnel(f"{profile.constrained_format}-constrained, temperature {cooler.temperature:.1f}", "constrained", cooler,
+        Funnel(f"{profile.constrained_format}-constrained, temperature {live.temperature:.1f}", "constrained", live,
                constraint),
     ]
 
@@ -645,12 +652,18 @@ def run_book_generation(profile: Any, teacher: Endpoint) -> dict[str, Path]:
     """
     root = profile.run_dir("self-instruct")
     shutil.rmtree(root, ignore_errors=True)  # every build measures afresh
-    folders = {}
-    for funnel in book_funnels(profile):
-        folders[funnel.name] = root / funnel.folder
-        generate(teacher, 10**9, folders[funnel.name], budget_usd=profile.generate_budget_usd or None,
+    folders = {funnel.name: root / funnel.folder for funnel in book_funnels(profile)}
+
+    def compare(funnel: Funnel) -> None:
+        generate(teacher.copy(), 10**9, folders[funnel.name], budget_usd=profile.generate_budget_usd or None,
                  concurrency=profile.generate_concurrency, sampling=funnel.sampling, constraint=funnel.constraint,
                  max_requests=profile.generate_compare_requests, progress=False)
+
+    # The funnels run side by side: a funnel's few requests alone would leave the server's slots idle while
+    # its longest completion finishes. Each has its own folder, ledger and endpoint hook.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(folders)) as pool:
+        for done in [pool.submit(compare, funnel) for funnel in book_funnels(profile)]:
+            done.result()
     live = live_funnel(profile)
     # A copy of that funnel's folder, resumed: its first requests count towards the target, and the
     # funnel itself keeps its comparison size.

@@ -103,6 +103,7 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     from alpaca_nb.models import load_model
     from alpaca_nb.sft import AlpacaCollator, enable_packed_attention, padding_free_collator
+    from alpaca_nb.train import bf16_is_fast
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model()
@@ -117,7 +118,7 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     def train_step(batch_indices: list[int]) -> int:
         batch = collate([examples[i] for i in batch_indices])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16_is_fast()):  # as train(): emulated bf16 is slow
             loss = model(**batch, use_cache=False).loss
         loss.backward()
         optimizer.step()
@@ -171,9 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    from alpaca_nb.train import bf16_is_fast
+
     print(f"settings: {args.examples} alpaca_gpt4_demo examples (seed {args.seed}), {args.batch_size} a step, "
           f"max_length {args.max_length}, {args.rounds} rounds, packed attention {args.packed_attention}; "
-          f"embedded SmolLM2-135M-Instruct, bf16 autocast, AdamW lr 2e-5; torch {torch.__version__}, "
+          f"embedded SmolLM2-135M-Instruct, {'bf16 autocast' if bf16_is_fast() else 'float32'}, AdamW lr 2e-5; "
+          f"torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start", flush=True)
     measured: dict[str, list[dict]] = {batching: [] for batching in BATCHINGS}
     for round_number in range(args.rounds):

@@ -284,3 +284,15 @@ def test_the_built_server_holds_no_amx_instruction():
     linked = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=False).stdout
     assert "ggml" not in linked and "llama" not in linked
     assert "-DGGML_NATIVE=OFF" in server_build_info(binary).get("cmake_flags", "")
+
+
+def test_a_copied_endpoint_keeps_the_settings_but_not_the_hook_or_the_clients():
+    hook_calls = []
+    endpoint = Endpoint("http://127.0.0.1:9/v1", "m", api="completions", timeout=7, max_retries=2,
+                        on_call=hook_calls.append)
+    endpoint._openai_client()
+    twin = endpoint.copy()
+    settings = ("base_url", "model", "api_key_env", "api", "timeout", "max_retries", "backoff_base", "backoff_max")
+    assert [getattr(twin, name) for name in settings] == [getattr(endpoint, name) for name in settings]
+    assert twin.on_call is None and endpoint.on_call is not None
+    assert twin._sync_client is None  # its own connection pool, opened on first use

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -280,8 +282,10 @@ def test_book_funnels_change_one_thing_at_a_time_and_chapter_3_reads_the_live_ru
     laptop = load_profile("laptop")
     as_alpaca, cooler, constrained = book_funnels(laptop)
     assert as_alpaca.sampling == SamplingSettings(max_tokens=laptop.generate_max_tokens) and as_alpaca.constraint is None
-    assert cooler.sampling.temperature == laptop.generate_temperature and cooler.constraint is None
-    assert constrained.sampling == cooler.sampling and constrained.constraint.kind == "grammar"
+    assert cooler.sampling == replace(as_alpaca.sampling, temperature=laptop.compare_temperature)
+    assert cooler.constraint is None and laptop.compare_temperature < as_alpaca.sampling.temperature
+    assert constrained.sampling == replace(as_alpaca.sampling, temperature=laptop.generate_temperature)
+    assert constrained.constraint.kind == "grammar"
     assert book_main_run(laptop).name == "live"
     assert live_funnel(laptop) == constrained and live_funnel(load_profile("cluster")).folder == "upstream-t1"
 
@@ -306,3 +310,18 @@ def test_ensure_book_generation_reads_an_existing_live_run_without_starting_a_te
                                                     "completion": "", "counters": {"blocks": 1}}], [])
     monkeypatch.setattr(selfinstruct, "teacher_endpoint", None)  # calling it would fail the test
     assert selfinstruct.ensure_book_generation(laptop) == tmp_path / "runs" / "laptop" / "self-instruct" / "live"
+
+
+def test_no_request_starts_once_those_in_flight_are_expected_to_reach_the_target():
+    from types import SimpleNamespace
+
+    from alpaca_nb.selfinstruct import GenerationReport, _Limits
+
+    limits = _Limits(target=100, max_requests=None, concurrency=8, max_failures=5)
+    run = SimpleNamespace(report=GenerationReport(Path("."), kept=80, requests=20))  # 4 kept per request so far
+    assert limits.may_start(run, in_flight=4)  # 80 + 4 x 4 = 96: short of 100
+    assert not limits.may_start(run, in_flight=5)  # 80 + 5 x 4 = 100: the requests in flight should suffice
+    fresh = SimpleNamespace(report=GenerationReport(Path("."), kept=0, requests=0))
+    assert limits.may_start(fresh, in_flight=7) and not limits.may_start(fresh, in_flight=8)  # no yield known yet
+    barren = SimpleNamespace(report=GenerationReport(Path("."), kept=0, requests=30))
+    assert limits.may_start(barren, in_flight=7)  # nothing kept yet: keep every slot busy
