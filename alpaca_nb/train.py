@@ -280,7 +280,7 @@ def training_arguments(config: TrainConfig, processes: int | None = None) -> Tra
         lr_scheduler_type=config.lr_scheduler,
         warmup_steps=config.warmup_ratio,          # transformers 5: a float in [0, 1) is a ratio of the total steps
         weight_decay=config.weight_decay,
-        bf16=config.bf16 and bf16_is_fast(),
+        bf16=uses_bf16(config),
         # On a machine without CUDA, say so: otherwise accelerate sees no device, treats each process as
         # a lone run, and a 2-process launch trains two independent copies (checked in train()).
         use_cpu=not torch.cuda.is_available(),
@@ -315,6 +315,11 @@ def bf16_is_fast() -> bool:
         return torch.cuda.is_bf16_supported()
     native = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in native)
+
+
+def uses_bf16(config: TrainConfig) -> bool:
+    """Return True when a run of ``config`` computes in bf16 autocast: asked for, and fast on this machine."""
+    return config.bf16 and bf16_is_fast()
 
 
 def _ampere_or_newer() -> bool:
