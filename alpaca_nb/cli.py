@@ -1,4 +1,4 @@
-"""The ``alpaca-nb`` command: set-up and inspection of the data and the embedded model."""
+"""The ``alpaca-nb`` command: set-up, inspection, the pipeline stages, and the served demo."""
 
 from __future__ import annotations
 
@@ -179,6 +179,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """Serve the chat demo (``demo_app.ipynb``) with Voila on ``args.host``:``args.port`` until interrupted."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from alpaca_nb.demo import APP_NOTEBOOK, ServedDemo
+
+    try:
+        served = ServedDemo(args.model, args.base_url, str(Path(args.flags).resolve()))
+    except ValueError as error:
+        print(f"alpaca-nb demo: {error}", file=sys.stderr)
+        return 2
+    command = [sys.executable, "-m", "voila", str(APP_NOTEBOOK), f"--port={args.port}", f"--Voila.ip={args.host}",
+               "--no-browser", f"--Voila.root_dir={APP_NOTEBOOK.parent}"]
+    print(f"serving the chat demo of {served.describe()} at http://{args.host}:{args.port}/ (Ctrl-C stops it)",
+          flush=True)
+    try:
+        status = subprocess.call(command, env={**os.environ, **served.environment()})
+    except KeyboardInterrupt:
+        return 0
+    if status not in (0, -2, 130):  # -2 / 130: stopped with Ctrl-C
+        print(f"alpaca-nb demo: Voila exited with status {status} (its log is above)", file=sys.stderr)
+    return 0 if status in (0, -2, 130) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``alpaca-nb`` command."""
     parser = argparse.ArgumentParser(prog="alpaca-nb", description=__doc__)
@@ -232,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--truthfulqa", type=int, default=None, help="TruthfulQA questions, 0 = all (default: the profile's)")
     evaluate.add_argument("--no-judge", action="store_true", help="skip the LLM judge (default: the profile's judge)")
     evaluate.set_defaults(run=_evaluate)
+    demo = commands.add_parser("demo", help="serve chapter 6's chat demo as a web page (Voila) on this machine")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    demo.add_argument("--port", type=int, default=8866)
+    demo.add_argument("--model", default=None, help="local path or Hugging Face id (default: the embedded model); "
+                      "with --base-url, the model name at that endpoint")
+    demo.add_argument("--base-url", default=None, help="answer through this OpenAI-compatible /v1 URL (streamed)")
+    demo.add_argument("--flags", default="flags.jsonl", help="JSONL file that flagged answers are appended to")
+    demo.set_defaults(run=_demo)
     # Listed for --help only: main() hands `alpaca-nb train ...` to alpaca_nb.train's own parser.
     commands.add_parser("train", help="fine-tune on Alpaca data (options: alpaca-nb train --help)", add_help=False)
     return parser

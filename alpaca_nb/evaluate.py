@@ -53,6 +53,7 @@ __all__ = [
     "replies_side_by_side",
     "run_evaluation",
     "tally",
+    "templated_prompts",
     "wilson_interval",
     "win_rate",
 ]
@@ -181,7 +182,8 @@ def _cached_replies(cache: Path | None) -> dict[str, SystemReply]:
     return replies
 
 
-def _prompts(items: Sequence[Any], template: str, tokenizer: Any) -> list[str]:
+def templated_prompts(items: Sequence[Any], template: str, tokenizer: Any) -> list[str]:
+    """Return each item's instruction (and input) as a prompt: the Alpaca template, or the tokenizer's chat template."""
     from alpaca_nb.sft import format_prompt
 
     if template == "alpaca":
@@ -193,7 +195,8 @@ def _prompts(items: Sequence[Any], template: str, tokenizer: Any) -> list[str]:
 def _model_replies(items, template, model, tokenizer, max_new_tokens, batch_size) -> list[tuple[str, bool | None]]:
     from alpaca_nb.sft import greedy_completions
 
-    replies = greedy_completions(model, tokenizer, _prompts(items, template, tokenizer), max_new_tokens, batch_size,
+    prompts = templated_prompts(items, template, tokenizer)
+    replies = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size,
                                  add_special_tokens=template == "alpaca", show_progress=False)
     return [(reply.text, reply.stopped) for reply in replies]
 

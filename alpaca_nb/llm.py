@@ -186,6 +186,25 @@ class Endpoint:
         # max_retries=0: the client must not retry behind our back, or attempts would go unrecorded.
         return {"api_key": self._api_key, "base_url": self.base_url, "timeout": self.timeout, "max_retries": 0}
 
+    def stream(self, prompt: str | list[dict], **sampling: Any) -> Iterator[str]:
+        """Yield the completion of ``prompt`` piece by piece as the server sends it (``stream=True``; chapter 6's
+        demo). One attempt, no retries: a broken stream cannot be resumed. ``on_call`` is not called, since a
+        stream reports no usage to record."""
+        request = _request_arguments(self.model, self.api, prompt, sampling)
+        client = self._openai_client()
+        resource = client.chat.completions if self.api == "chat" else client.completions
+        try:
+            for chunk in resource.create(**request, stream=True):
+                if not chunk.choices:
+                    continue
+                choice = chunk.choices[0]
+                piece = choice.delta.content if self.api == "chat" else choice.text
+                if piece:
+                    yield piece
+        except _ATTEMPT_ERRORS as exc:
+            failure = _classify(exc)
+            raise LLMError(f"{self.model} at {self.base_url}: the stream failed: {failure.error}") from exc
+
     def _openai_client(self) -> openai.OpenAI:
         if self._sync_client is None:
             self._sync_client = openai.OpenAI(**self._client_options())

@@ -59,6 +59,9 @@ class Profile:
     judge_model: str
     judge_calibration_pairs: int
     judge_budget_usd: float
+    moderation_base_url: str
+    watermark_prompts: int
+    watermark_max_tokens: int
     smoke: bool = False
 
     def run_dir(self, stage: str) -> Path:
@@ -69,7 +72,8 @@ class Profile:
 
     def as_rows(self) -> list[tuple[str, str]]:
         """Return (setting, value) pairs for display, naming the embedded model where a field is empty."""
-        embedded = {"teacher_base_url": "embedded llama.cpp server", "judge_base_url": "embedded llama.cpp server"}
+        embedded = {"teacher_base_url": "embedded llama.cpp server", "judge_base_url": "embedded llama.cpp server",
+                    "moderation_base_url": "offline checker (alt-profanity-check and rules)"}
         return [(key, str(value) if value != "" else embedded.get(key, "embedded SmolLM2-135M-Instruct"))
                 for key, value in asdict(self).items()]
 

@@ -13,7 +13,8 @@ import ipywidgets as widgets
 
 from alpaca_nb.seeds import filter_tasks, records_frame, shorten
 
-__all__ = ["label_mask_widget", "prompt_price_widget", "recipe_cost_widget", "seed_browser_widget"]
+__all__ = ["blind_vote_widget", "chat_demo_widget", "label_mask_widget", "moderation_widget", "prompt_price_widget",
+           "recipe_cost_widget", "seed_browser_widget"]
 
 _CHOICES = {"any": None, "yes": True, "no": False}
 
@@ -186,3 +187,118 @@ def blind_vote_widget(pairs_for: Callable[[str], Sequence[object]], votes_path: 
     name.observe(refresh, names="value")
     refresh()
     return widgets.VBox([name, item, widgets.HBox(list(buttons.values())), show, result])
+
+
+def moderation_widget(check: Callable[[str], object], text: str = "") -> widgets.VBox:
+    """Return a text box and the content filter's verdict on it: flagged or not, each category's flag and score.
+
+    ``check`` is ``safety.moderate`` (or it bound to an API client); the verdict follows each edit.
+    """
+    box = widgets.Textarea(value=text, placeholder="type a prompt", description="prompt",
+                           layout=widgets.Layout(width="95%", height="4em"), continuous_update=False)
+    verdict = widgets.HTML()
+
+    def refresh(_change: object = None) -> None:
+        if not box.value.strip():
+            verdict.value = "<p>Type a prompt to see what the filter says.</p>"
+            return
+        result = check(box.value)
+        rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{'flagged' if result.categories[name] else ''}</td>"
+                       f"<td>{result.scores[name]:.2f}</td></tr>" for name in result.categories)
+        headline = "<b>blocked</b>: " + ", ".join(map(html.escape, result.flagged_categories())) if result.flagged \
+            else "<b>allowed</b>"
+        verdict.value = (f"<p>{headline} (checker: {html.escape(result.checker)})</p>"
+                         f"<table><tr><th>category</th><th></th><th>score</th></tr>{rows}</table>")
+
+    box.observe(refresh, names="value")
+    refresh()
+    return widgets.VBox([box, verdict])
+
+
+def _exchange_html(exchange) -> str:
+    asked = html.escape(exchange.instruction) + (f"<br><i>{html.escape(exchange.input)}</i>" if exchange.input else "")
+    if exchange.blocked:
+        answer = (f"<b>blocked</b>: the content filter flagged the {exchange.blocked} "
+                  f"({html.escape(', '.join(exchange.categories))}; checker {html.escape(exchange.checker)})")
+    else:
+        answer = f"<span style='white-space: pre-wrap'>{html.escape(exchange.reply)}</span>"
+    settings = exchange.settings
+    decoding = ("greedy" if settings["temperature"] == 0 else
+                f"sampled at temperature {settings['temperature']:g}, top-p {settings['top_p']:g}, top-k {settings['top_k']}")
+    note = (f"{settings['template']} template, {decoding}, {settings['num_beams']} beam(s), "
+            f"{'watermarked' if settings['watermark'] else 'no watermark'}, {exchange.seconds:.1f} s"
+            + (", stopped" if exchange.stopped_by_user else ""))
+    return f"<p><b>You:</b> {asked}<br><b>Model:</b> {answer}<br><small>{html.escape(note)}</small></p>"
+
+
+def chat_demo_widget(demo, instruction: str = "", input_text: str = "") -> widgets.VBox:
+    """Return the chat demo's view over ``demo`` (a ``demo.ChatDemo``): the terms of use, the boxes and controls,
+    Generate, Stop and Flag, the streamed reply and the history.
+
+    The static book shows the terms and whatever ``demo.history`` holds when the cell runs. Generation runs in
+    a worker thread that sets the reply widget's value; it never writes through ``with output:``.
+    """
+    import threading
+
+    from alpaca_nb.demo import TERMS_OF_USE, DecodingSettings
+
+    terms = widgets.HTML(f"<p><b>Terms of use.</b> {html.escape(TERMS_OF_USE)}</p>")
+    wide = widgets.Layout(width="95%")
+    instruction_box = widgets.Textarea(value=instruction, description="instruction", layout=wide)
+    input_box = widgets.Textarea(value=input_text, description="input", placeholder="optional", layout=wide)
+    template = widgets.Dropdown(options=[("Alpaca template", "alpaca"), ("the model's chat template", "chat")],
+                                description="template")
+    temperature = widgets.FloatSlider(value=0.0, min=0.0, max=2.0, step=0.1, description="temperature")
+    top_p = widgets.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="top-p")
+    top_k = widgets.IntSlider(value=0, min=0, max=100, description="top-k (0 off)")
+    beams = widgets.IntSlider(value=1, min=1, max=4, description="beams")
+    max_tokens = widgets.IntSlider(value=128, min=8, max=512, step=8, description="max tokens")
+    watermark = widgets.Checkbox(value=True, description="watermark")
+    generate, stop = widgets.Button(description="Generate", button_style="primary"), widgets.Button(description="Stop")
+    reason = widgets.Text(placeholder="what is wrong with the last answer?", description="reason")
+    flag = widgets.Button(description="Flag this answer", button_style="warning")
+    status, reply, history = widgets.HTML(), widgets.HTML(), widgets.HTML()
+    for name, widget in (("status", status), ("reply", reply), ("history", history)):
+        widget.add_class(f"alpaca-nb-demo-{name}")  # stable handles for a page's styles and the browser test
+
+    def show_history() -> None:
+        history.value = "".join(_exchange_html(exchange) for exchange in reversed(demo.history))
+
+    def run() -> None:
+        settings = DecodingSettings(template.value, temperature.value, top_p.value, top_k.value, beams.value,
+                                    max_tokens.value, watermark.value)
+        try:
+            for text in demo.respond(instruction_box.value, input_box.value, settings):
+                reply.value = f"<p style='white-space: pre-wrap'>{html.escape(text)}</p>"
+            status.value = ""
+        except ValueError as error:  # a refused length or a wrong template: the message says what to change
+            status.value = f"<p>{html.escape(str(error))}</p>"
+        finally:
+            reply.value = ""
+            generate.disabled = False
+            show_history()
+
+    def on_generate(_button: object) -> None:
+        generate.disabled = True
+        status.value = "<p>generating…</p>"
+        threading.Thread(target=run, daemon=True).start()
+
+    def on_flag(_button: object) -> None:
+        if not demo.history:
+            status.value = "<p>Nothing to flag yet.</p>"
+            return
+        try:
+            path = demo.flag(-1, reason.value)
+        except ValueError as error:
+            status.value = f"<p>{html.escape(str(error))}</p>"
+            return
+        reason.value = ""
+        status.value = f"<p>Flagged; saved to {html.escape(str(path))}.</p>"
+
+    generate.on_click(on_generate)
+    stop.on_click(lambda _button: demo.stop())
+    flag.on_click(on_flag)
+    show_history()
+    controls = widgets.VBox([template, temperature, top_p, top_k, beams, max_tokens, watermark])
+    return widgets.VBox([terms, instruction_box, input_box, controls, widgets.HBox([generate, stop]), status, reply,
+                         history, widgets.HBox([reason, flag])])

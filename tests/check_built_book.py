@@ -28,6 +28,8 @@ CHROMIUM_FLAGS = [
 ]
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+# What a widget shows (an HTML widget's content, an Output widget's outputs) as opposed to its controls.
+SHOWN_CONTENT = ".widget-html-content, .widget-output"
 WRAP_STYLESHEET = "cells.css"  # book/_css/cells.css, linked by _config.yml's html_css_files
 # tqdm's text ("kept:  40%|####      | 2/5 [00:03<00:04, ...]") and transformers' Trainer's log table.
 PROGRESS_TEXT = re.compile(r"\d+%\|.*\|\s*\d+/\d+|\d+/\d+ \[\d+:\d+<|\bNo log\b")
@@ -78,6 +80,11 @@ def inspect_page(page: Path, static_html: str, rendered_html: str) -> PageReport
     rendered_views = len(rendered.select("div.widget-subarea"))
     if rendered_views < report.widget_views:
         report.problems.append(f"{report.widget_views - rendered_views} of {report.widget_views} widget views did not render")
+    for view in rendered.select("div.widget-subarea"):
+        if not any(part.get_text(strip=True) or part.find(["img", "table"]) for part in view.select(SHOWN_CONTENT)):
+            controls = " ".join(view.get_text(" ", strip=True).split())[:80]
+            report.problems.append(f"a widget shows nothing but its controls in the static page ({controls!r}): "
+                                   "compute its first state when the cell runs")
     return report
 
 

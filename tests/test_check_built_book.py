@@ -23,9 +23,23 @@ PLOT = '<figure><img src="plot.png"><figcaption><p>What the plot shows.</p></fig
 
 def test_a_clean_page_with_plot_and_rendered_widget_passes(tmp_path):
     page, html = page_with(tmp_path, f'<div class="cell_output">{PLOT}</div><div class="cell_output">{VIEW}</div>')
-    rendered = html.replace(VIEW, VIEW + '<div class="widget-subarea"><div class="jupyter-widgets"></div></div>')
+    rendered = html.replace(VIEW, VIEW + RENDERED_WITH_CONTENT)
     report = inspect_page(page, html, rendered)
     assert report.problems == [] and report.images == 1 and report.widget_views == 1 and report.rendered_widgets == 1
+
+
+RENDERED_WITH_CONTENT = ('<div class="widget-subarea"><div class="jupyter-widgets"><label>price</label>'
+                         '<div class="widget-html-content"><p>$0.02 per request</p></div></div></div>')
+
+
+def test_a_widget_that_shows_only_its_controls_is_a_problem(tmp_path):
+    page, html = page_with(tmp_path, f'<div class="cell_output">{VIEW}</div>')
+    bare = ('<div class="widget-subarea"><div class="jupyter-widgets"><label>temperature</label><input value="0.7">'
+            '<div class="widget-html-content"></div><div class="widget-output"></div></div></div>')
+    [problem] = inspect_page(page, html, html.replace(VIEW, VIEW + bare)).problems
+    assert problem.startswith("a widget shows nothing but its controls") and "temperature" in problem
+    table = RENDERED_WITH_CONTENT.replace("<p>$0.02 per request</p>", "<table><tr><td></td></tr></table>")
+    assert inspect_page(page, html, html.replace(VIEW, VIEW + table)).problems == []
 
 
 def test_unrendered_widget_missing_image_and_traceback_are_problems(tmp_path):

@@ -36,8 +36,8 @@ def test_conda_installs_the_same_pins_as_the_makefile():
     assert "-c requirements.lock" in pip_section
     assert makefile_variable("TORCH_SPEC") in pip_section
     assert makefile_variable("LOCK") == "requirements.lock"
-    assert "$(LOCK_CONSTRAINT) -e \".[book,dev]\"" in (REPO / "Makefile").read_text()
-    assert "-e .[book,dev]" in pip_section
+    assert "$(LOCK_CONSTRAINT) -e \".[book,dev,demo]\"" in (REPO / "Makefile").read_text()
+    assert "-e .[book,dev,demo]" in pip_section
 
 
 def test_a_built_wheel_carries_the_package_data_files(tmp_path):
@@ -53,5 +53,6 @@ def test_a_built_wheel_carries_the_package_data_files(tmp_path):
                     str(root)], check=True, capture_output=True, timeout=300)
     wheel = next(tmp_path.glob("alpaca_nb-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for data_file in ("probes.jsonl", "judge_template.txt", "prices.toml", "profiles.toml"):
+    for data_file in ("probes.jsonl", "judge_template.txt", "prices.toml", "profiles.toml", "moderation_rules.toml",
+                      "moderation_prompts.jsonl", "moderation_test_prompts.jsonl", "demo_app.ipynb"):
         assert f"alpaca_nb/{data_file}" in names, data_file

@@ -8,10 +8,7 @@ test_a_real_server_judges_in_both_orders.
 
 from __future__ import annotations
 
-import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -21,6 +18,7 @@ from alpaca_nb.judge import (
     PairVerdict, calibrate, judge_pairs, judge_prompt, parse_choice, verdict_records, verdict_win_rate,
 )
 from alpaca_nb.llm import Endpoint
+from json_stub import JsonStub
 
 
 def _answers(prompt: str) -> tuple[str, str]:
@@ -33,34 +31,20 @@ class ScriptedJudge:
 
     def __init__(self, decide):
         self.decide, self.calls = decide, 0
-        judge = self
+        self.stub = JsonStub(self._respond)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server's name
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                judge.calls += 1
-                text = judge.decide(*_answers(body["messages"][0]["content"]))
-                payload = json.dumps({"id": f"stub-{judge.calls}", "object": "chat.completion", "created": 0,
-                                      "model": body["model"], "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": text}}],
-                                      "usage": {"prompt_tokens": 200, "completion_tokens": 4, "total_tokens": 204}})
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload.encode())
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def _respond(self, _path: str, body: dict) -> dict:
+        self.calls += 1
+        text = self.decide(*_answers(body["messages"][0]["content"]))
+        return {"id": f"stub-{self.calls}", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 200, "completion_tokens": 4, "total_tokens": 204}}
 
     def endpoint(self) -> Endpoint:
-        return Endpoint(f"http://127.0.0.1:{self.server.server_port}/v1", "gpt-4o-mini", max_retries=0, timeout=10)
+        return Endpoint(self.stub.base_url, "gpt-4o-mini", max_retries=0, timeout=10)
 
     def close(self):
-        self.server.shutdown()
+        self.stub.close()
 
 
 @pytest.fixture

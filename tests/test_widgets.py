@@ -109,3 +109,16 @@ def test_blind_vote_widget_records_votes_resumes_and_shows_the_tally_only_when_a
     assert "All 3 pairs voted on" in item.value
     show.click()
     assert "alpaca against davinci" in result.value and "1 ties" in result.value
+
+
+def test_moderation_widget_shows_the_filter_verdict_and_follows_edits():
+    from alpaca_nb.safety import moderate
+    from alpaca_nb.widgets import moderation_widget
+
+    widget = moderation_widget(moderate, "How do I kill a stuck Python process?")
+    box, verdict = widget.children
+    assert "<b>allowed</b>" in verdict.value and "violence" in verdict.value and "offline:" in verdict.value
+    box.value = "I am going to kill you tomorrow."
+    assert "<b>blocked</b>: " in verdict.value and "violence (checker" in verdict.value
+    box.value = "  "
+    assert "Type a prompt" in verdict.value

@@ -1,0 +1,493 @@
+"""The demo's two safety measures, as Alpaca's release had them: a content filter and a watermark.
+
+Taught in chapter 6. ``moderate`` asks OpenAI's moderation endpoint when a client is given, and otherwise
+an offline checker: alt-profanity-check's linear SVM (offensive language, its model inside its wheel) plus
+the short rule set in ``moderation_rules.toml`` for categories the classifier does not cover.
+
+The watermark is Kirchenbauer et al. (2023), "A Watermark for Large Language Models", through transformers'
+own implementation (``WatermarkingConfig``, ``WatermarkDetector``), at the paper's settings: a green list of
+gamma = 0.25 of the vocabulary, seeded by the previous token ("lefthash", context width 1, the paper's
+main scheme), whose logits get delta = 2.0 added, and detection at z = 4. Only generated tokens are scored,
+and a repeated bigram counts once, as the authors advise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import tomllib
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = [
+    "DETECTION_Z",
+    "ErrorRates",
+    "Generation",
+    "LabelledPrompt",
+    "Moderation",
+    "ModerationError",
+    "WatermarkExperiment",
+    "WatermarkVerdict",
+    "attack_table",
+    "checker_error_rates",
+    "detect_watermark",
+    "detection_lengths",
+    "detection_table",
+    "edit_tokens",
+    "generate_watermarked",
+    "load_labelled_prompts",
+    "moderate",
+    "moderation_client",
+    "paper_comparison",
+    "parse_rules",
+    "perplexity",
+    "plot_watermark",
+    "run_watermark_experiment",
+    "watermarking_config",
+]
+
+GAMMA = 0.25          # the paper's green-list fraction
+DELTA = 2.0           # the paper's logit bias
+DETECTION_Z = 4.0     # the paper's threshold (transformers defaults to 3)
+SEEDING_SCHEME = "lefthash"
+MODERATION_MODEL = "omni-moderation-latest"
+OFFENSIVE_THRESHOLD = 0.5  # alt-profanity-check's own decision boundary (its ``predict``)
+
+
+class ModerationError(ValueError):
+    """A moderation file or answer that cannot be used: names the file, line and field."""
+
+
+# --------------------------------------------------------------------------- the content filter
+
+
+@dataclass(frozen=True)
+class Moderation:
+    """One text's moderation: flagged when any category is, each category's flag and score, and who answered."""
+
+    flagged: bool
+    categories: dict[str, bool]
+    scores: dict[str, float]
+    checker: str  # "openai:omni-moderation-latest" or "offline:alt-profanity-check+rules"
+
+    def flagged_categories(self) -> list[str]:
+        return [name for name, flagged in self.categories.items() if flagged]
+
+
+def moderation_client(profile: Any) -> Any:
+    """Return an ``openai.OpenAI`` client for the profile's moderation endpoint, or None for the offline checker."""
+    if not profile.moderation_base_url:
+        return None
+    import openai
+
+    return openai.OpenAI(base_url=profile.moderation_base_url)  # the key comes from OPENAI_API_KEY
+
+
+def moderate(text: str, client: Any = None, model: str = MODERATION_MODEL) -> Moderation:
+    """Return ``text``'s moderation: OpenAI's endpoint through ``client`` (an ``openai.OpenAI``), else offline."""
+    if client is not None:
+        return _moderate_api(text, client, model)
+    return _moderate_offline(text)
+
+
+def _moderate_api(text: str, client: Any, model: str) -> Moderation:
+    response = client.moderations.create(model=model, input=text)
+    result = response.results[0]
+    categories = result.categories.model_dump(by_alias=True)
+    scores = result.category_scores.model_dump(by_alias=True)
+    return Moderation(bool(result.flagged), {k: bool(v) for k, v in categories.items()},
+                      {k: float(scores.get(k) or 0.0) for k in categories}, f"openai:{response.model or model}")
+
+
+OFFLINE_CHECKER = "offline:alt-profanity-check+rules"
+
+
+def _moderate_offline(text: str) -> Moderation:
+    from profanity_check import predict_prob
+
+    offensive = float(predict_prob([text])[0])
+    categories = {"offensive": offensive >= OFFENSIVE_THRESHOLD}
+    scores = {"offensive": offensive}
+    for category, patterns in _rules().items():
+        matched = any(pattern.search(text) for pattern in patterns)
+        categories[category], scores[category] = matched, float(matched)
+    return Moderation(any(categories.values()), categories, scores, OFFLINE_CHECKER)
+
+
+@lru_cache(maxsize=1)
+def _rules() -> dict[str, tuple[re.Pattern, ...]]:
+    source = resources.files("alpaca_nb") / "moderation_rules.toml"
+    return parse_rules(source.read_text(encoding="utf-8"), source.name)
+
+
+def parse_rules(text: str, name: str) -> dict[str, tuple[re.Pattern, ...]]:
+    """Return a rule file's patterns by category, compiled; a bad one is named by file, category and position."""
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ModerationError(f"{name}: not TOML ({exc})") from exc
+    rules = {}
+    for category, entry in table.items():
+        patterns = entry.get("patterns") if isinstance(entry, dict) else None
+        if not isinstance(patterns, list):
+            raise ModerationError(f"{name}: [{category}] needs a list of strings named 'patterns'")
+        compiled = []
+        for index, pattern in enumerate(patterns):
+            try:
+                compiled.append(re.compile(pattern, re.IGNORECASE))
+            except (re.error, TypeError) as exc:
+                raise ModerationError(f"{name}: [{category}] patterns[{index}]: {exc}") from exc
+        rules[category] = tuple(compiled)
+    return rules
+
+
+@dataclass(frozen=True)
+class LabelledPrompt:
+    text: str
+    harmful: bool
+    kind: str  # "harmful", "benign" or "benign_alarming" (benign, with words such as kill or shoot)
+
+
+# The development set was written with the rules and shaped them; the test set was written afterwards by
+# someone who never saw the rules, and the rules were not changed after it was scored.
+LABELLED_SETS = {"development": "moderation_prompts.jsonl", "test": "moderation_test_prompts.jsonl"}
+PROMPT_KINDS = {"harmful": True, "benign": False, "benign_alarming": False}
+
+
+def load_labelled_prompts(which: str = "test") -> list[LabelledPrompt]:
+    """Return one of chapter 6's labelled prompt sets (``LABELLED_SETS``), checked field by field."""
+    if which not in LABELLED_SETS:
+        raise ValueError(f"which={which!r}: expected one of {sorted(LABELLED_SETS)}")
+    source = resources.files("alpaca_nb") / LABELLED_SETS[which]
+    prompts = []
+    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ModerationError(f"{source.name}:{number}: not JSON ({exc.msg})") from exc
+        for field, kind in (("text", str), ("harmful", bool), ("kind", str)):
+            if not isinstance(row.get(field), kind):
+                raise ModerationError(f"{source.name}:{number}: field {field!r} must be a {kind.__name__}")
+        if PROMPT_KINDS.get(row["kind"]) is not row["harmful"]:
+            raise ModerationError(f"{source.name}:{number}: field 'kind' is {row['kind']!r} with harmful="
+                                  f"{row['harmful']}: expected one of {PROMPT_KINDS}")
+        prompts.append(LabelledPrompt(row["text"], row["harmful"], row["kind"]))
+    return prompts
+
+
+@dataclass(frozen=True)
+class ErrorRates:
+    """A checker's mistakes on a labelled set: flagged benign prompts and missed harmful ones."""
+
+    false_positives: int
+    benign: int
+    false_negatives: int
+    harmful: int
+
+    @property
+    def false_positive_rate(self) -> float | None:
+        return self.false_positives / self.benign if self.benign else None
+
+    @property
+    def false_negative_rate(self) -> float | None:
+        return self.false_negatives / self.harmful if self.harmful else None
+
+
+def checker_error_rates(prompts: Sequence[LabelledPrompt], verdicts: Sequence[Moderation]) -> ErrorRates:
+    """Return the false-positive and false-negative counts of ``verdicts`` against the prompts' labels."""
+    if len(prompts) != len(verdicts):
+        raise ValueError(f"{len(prompts)} prompts but {len(verdicts)} verdicts")
+    pairs = list(zip(prompts, verdicts))
+    return ErrorRates(
+        false_positives=sum(v.flagged for p, v in pairs if not p.harmful), benign=sum(not p.harmful for p in prompts),
+        false_negatives=sum(not v.flagged for p, v in pairs if p.harmful), harmful=sum(p.harmful for p in prompts),
+    )
+
+
+# --------------------------------------------------------------------------- the watermark
+
+
+def watermarking_config():
+    """Return the paper's watermark as transformers' ``WatermarkingConfig``: gamma 0.25, delta 2, lefthash."""
+    from transformers import WatermarkingConfig
+
+    return WatermarkingConfig(greenlist_ratio=GAMMA, bias=DELTA, seeding_scheme=SEEDING_SCHEME, context_width=1)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One sampled continuation: its prompt, the generated token ids only (no prompt, no padding) and text."""
+
+    prompt: str
+    prompt_ids: tuple[int, ...]
+    token_ids: tuple[int, ...]
+    text: str
+    watermarked: bool
+
+
+def generate_watermarked(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, watermark: bool = True,
+    temperature: float = 0.7, min_new_tokens: int = 0, seed: int = 0, batch_size: int = 16,
+    add_special_tokens: bool = True,
+) -> list[Generation]:
+    """Sample a continuation of each prompt (multinomial, ``temperature``), watermarked unless ``watermark`` is off.
+
+    ``min_new_tokens`` holds EOS back, so that detection can be measured at a fixed length. Prompts are used
+    as written (a chat-templated prompt already holds its special tokens: pass ``add_special_tokens=False``).
+    Seeded, so a rerun of the same batch samples the same text.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be above 0: the watermark is measured on sampled text")
+    config = watermarking_config() if watermark else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generations = []
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in range(0, len(prompts), batch_size):
+            batch_prompts = list(prompts[start:start + batch_size])
+            batch = tokenizer(batch_prompts, return_tensors="pt", padding=True,
+                              add_special_tokens=add_special_tokens).to(model.device)
+            torch.manual_seed(seed + start)
+            with torch.inference_mode():
+                output = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                        watermarking_config=config, pad_token_id=pad_id)
+            width = batch["input_ids"].shape[1]
+            for index, (prompt, row) in enumerate(zip(batch_prompts, output[:, width:].tolist())):
+                prompt_ids = tuple(batch["input_ids"][index][batch["attention_mask"][index].bool()].tolist())
+                ids = _until_end(row, tokenizer.eos_token_id, pad_id)
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                generations.append(Generation(prompt, prompt_ids, ids, text, watermark))
+    finally:
+        tokenizer.padding_side = side
+    return generations
+
+
+def _until_end(row: list[int], eos_id: int, pad_id: int) -> tuple[int, ...]:
+    end = next((index for index, token in enumerate(row) if token in (eos_id, pad_id)), len(row))
+    return tuple(row[:end])
+
+
+@dataclass(frozen=True)
+class WatermarkVerdict:
+    """The detector's reading of one text: z-score and p-value of its green-token count, and the verdict."""
+
+    z_score: float
+    p_value: float
+    tokens_scored: int
+    green_fraction: float
+    watermarked: bool  # z_score > threshold
+
+
+def detect_watermark(
+    text_or_ids: str | Sequence[int], tokenizer: Any, model_config: Any, device: str | torch.device = "cpu",
+    z_threshold: float = DETECTION_Z,
+) -> WatermarkVerdict:
+    """Return whether ``text_or_ids`` (generated tokens only, never the prompt) carries the paper's watermark.
+
+    ``device`` must be the device that generated: the green lists come from a ``torch.Generator`` there.
+    A text is re-tokenised without special tokens; ids are safer, as re-tokenising can split text otherwise.
+    """
+    ids = tokenizer(text_or_ids, add_special_tokens=False)["input_ids"] if isinstance(text_or_ids, str) \
+        else list(text_or_ids)
+    if len(ids) < 2:
+        raise ValueError(f"{len(ids)} tokens: the detector needs at least 2 (one of context, one to score)")
+    detector = _detector(model_config, str(device))
+    out = detector(torch.tensor([ids], device=device), z_threshold=z_threshold, return_dict=True)
+    return WatermarkVerdict(float(out.z_score[0]), float(out.p_value[0]), int(out.num_tokens_scored[0]),
+                            float(out.green_fraction[0]), bool(out.prediction[0]))
+
+
+_DETECTORS: dict[tuple[int, str], Any] = {}
+
+
+def _detector(model_config: Any, device: str) -> Any:
+    """Return one detector per (model config, device): its green-list cache is kept between texts."""
+    from transformers import WatermarkDetector
+
+    key = (id(model_config), device)
+    if key not in _DETECTORS:
+        _DETECTORS[key] = WatermarkDetector(model_config, device, watermarking_config(), ignore_repeated_ngrams=True)
+    return _DETECTORS[key]
+
+
+def edit_tokens(ids: Sequence[int], fraction: float, vocab_size: int, seed: int = 0) -> tuple[int, ...]:
+    """Return ``ids`` with ``fraction`` of its positions, chosen at random, replaced by random vocabulary tokens.
+
+    The simplest edit attack: cheaper than the paper's T5 span replacement, and as blind to meaning.
+    """
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction={fraction}: must be between 0 and 1")
+    generator = torch.Generator().manual_seed(seed)
+    edited = list(ids)
+    count = round(fraction * len(edited))
+    positions = torch.randperm(len(edited), generator=generator)[:count].tolist()
+    replacements = torch.randint(vocab_size, (count,), generator=generator).tolist()
+    for position, token in zip(positions, replacements):
+        edited[position] = token
+    return tuple(edited)
+
+
+def perplexity(model: Any, generation: Generation) -> float:
+    """Return the perplexity of ``generation``'s tokens given its prompt, under ``model`` (unwatermarked)."""
+    prompt_ids = list(generation.prompt_ids)
+    ids = torch.tensor([prompt_ids + list(generation.token_ids)], device=model.device)
+    with torch.inference_mode():
+        logits = model(ids).logits[0, len(prompt_ids) - 1:-1].float()
+    targets = ids[0, len(prompt_ids):]
+    loss = torch.nn.functional.cross_entropy(logits, targets)
+    return math.exp(float(loss))
+
+
+# --------------------------------------------------------------------------- chapter 6's measurement
+
+
+PAPER_LENGTHS = (25, 50, 100, 200)  # tokens at which chapter 6 measures detection; the paper's T is 200
+
+
+def detection_lengths(longest: int) -> tuple[int, ...]:
+    """Return the lengths of ``PAPER_LENGTHS`` below ``longest``, then ``longest`` itself."""
+    return tuple(sorted({length for length in PAPER_LENGTHS if length < longest} | {longest}))
+
+
+@dataclass(frozen=True)
+class WatermarkExperiment:
+    """Each prompt sampled with and without the watermark, scored at several lengths and after edits."""
+
+    marked: tuple[Generation, ...]
+    plain: tuple[Generation, ...]
+    z_marked: dict[int, tuple[float, ...]]  # by length: the z-score of each watermarked text's first N tokens
+    z_plain: dict[int, tuple[float, ...]]   # the same for the unwatermarked texts
+    attack_z: dict[float, tuple[float, ...]]  # by fraction of tokens replaced: z of each watermarked text, whole
+    perplexity_marked: tuple[float, ...]    # under the model without the watermark
+    perplexity_plain: tuple[float, ...]
+    temperature: float
+    threshold: float = DETECTION_Z
+
+
+def run_watermark_experiment(
+    model: Any, tokenizer: Any, prompts: Sequence[str], lengths: Sequence[int] = (25, 50, 100, 200),
+    edit_fractions: Sequence[float] = (0.1, 0.2, 0.3, 0.5), temperature: float = 0.7, seed: int = 0,
+    add_special_tokens: bool = False,
+) -> WatermarkExperiment:
+    """Sample every prompt to ``max(lengths)`` tokens with and without the watermark, then detect on prefixes.
+
+    EOS is held back to the longest length, so every text is scored at every length; the edit attack and the
+    perplexities use whole texts. ``device`` for detection is the model's.
+    """
+    from alpaca_nb.progress import progress_bar
+
+    longest = max(lengths)
+    texts = {watermark: generate_watermarked(model, tokenizer, prompts, longest, watermark=watermark,
+                                             temperature=temperature, min_new_tokens=longest, seed=seed,
+                                             add_special_tokens=add_special_tokens)
+             for watermark in progress_bar((True, False), desc="sampling", unit="set")}
+
+    def z_scores(sequences: Sequence[Sequence[int]]) -> tuple[float, ...]:
+        return tuple(detect_watermark(ids, tokenizer, model.config, model.device).z_score for ids in sequences)
+
+    z_marked = {n: z_scores([g.token_ids[:n] for g in texts[True]]) for n in progress_bar(lengths, desc="detecting")}
+    z_plain = {n: z_scores([g.token_ids[:n] for g in texts[False]]) for n in lengths}
+    vocab = model.config.vocab_size
+    attack_z = {fraction: z_scores([edit_tokens(g.token_ids, fraction, vocab, seed=seed + i)
+                                    for i, g in enumerate(texts[True])])
+                for fraction in progress_bar(edit_fractions, desc="edit attack")}
+    return WatermarkExperiment(
+        tuple(texts[True]), tuple(texts[False]), z_marked, z_plain, attack_z,
+        tuple(perplexity(model, g) for g in texts[True]), tuple(perplexity(model, g) for g in texts[False]),
+        temperature,
+    )
+
+
+def detection_table(experiment: WatermarkExperiment) -> "pd.DataFrame":
+    """Return one row per length: the detection rate on watermarked text and the false-positive rate on plain."""
+    import pandas as pd
+
+    rows = []
+    for length, marked in experiment.z_marked.items():
+        plain = experiment.z_plain[length]
+        rows.append({"tokens": length, "texts": len(marked),
+                     "detected (true positives)": _share_above(marked, experiment.threshold),
+                     "false positives": _share_above(plain, experiment.threshold),
+                     "median z, watermarked": _median(marked), "median z, plain": _median(plain),
+                     "ROC AUC": _auc(marked, plain)})
+    return pd.DataFrame(rows).set_index("tokens")
+
+
+def attack_table(experiment: WatermarkExperiment) -> "pd.DataFrame":
+    """Return one row per edit fraction: how many watermarked texts the detector still finds, and their median z."""
+    import pandas as pd
+
+    longest = max(experiment.z_marked)
+    rows = [{"tokens replaced": 0.0, "detected": _share_above(experiment.z_marked[longest], experiment.threshold),
+             "median z": _median(experiment.z_marked[longest])}]
+    rows += [{"tokens replaced": fraction, "detected": _share_above(z, experiment.threshold), "median z": _median(z)}
+             for fraction, z in experiment.attack_z.items()]
+    return pd.DataFrame(rows).set_index("tokens replaced")
+
+
+def _share_above(values: Sequence[float], threshold: float) -> float:
+    return sum(value > threshold for value in values) / len(values)
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _auc(marked: Sequence[float], plain: Sequence[float]) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score([1] * len(marked) + [0] * len(plain), [*marked, *plain]))
+
+
+# Kirchenbauer et al. (2023), arXiv:2301.10226, Table 2: OPT-1.3B, T = 200 tokens, gamma 0.25, delta 2.0,
+# multinomial sampling, detection at z = 4.
+PAPER_SOURCE = "Kirchenbauer et al. (2023), A Watermark for Large Language Models, arXiv:2301.10226, Table 2"
+PAPER_TRUE_POSITIVE_RATE = 0.994
+PAPER_TOKENS = 200
+
+
+def paper_comparison(detection: "pd.DataFrame") -> str:
+    """Return a sentence setting this run's detection at its longest length beside the paper's at T = 200."""
+    longest = int(detection.index.max())
+    row = detection.loc[longest]
+    return (f"Here, {longest} tokens: {row['detected (true positives)']:.1%} of watermarked texts detected at "
+            f"z > {DETECTION_Z:g}, {row['false positives']:.1%} of plain texts flagged ({int(row['texts'])} of each). "
+            f"The paper: {PAPER_TRUE_POSITIVE_RATE:.1%} detected at T = {PAPER_TOKENS} with OPT-1.3B, multinomial "
+            f"sampling, gamma {GAMMA}, delta {DELTA} ({PAPER_SOURCE}).")
+
+
+def plot_watermark(experiment: WatermarkExperiment):
+    """Return a figure: the z-score distributions at the longest length, and the ROC curve at every length."""
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    longest = max(experiment.z_marked)
+    figure, (histogram, roc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    histogram.hist(experiment.z_plain[longest], bins=20, alpha=0.6, label="plain")
+    histogram.hist(experiment.z_marked[longest], bins=20, alpha=0.6, label="watermarked")
+    histogram.axvline(experiment.threshold, color="black", linestyle="--", label=f"z = {experiment.threshold:g}")
+    histogram.set(xlabel=f"z-score of the first {longest} tokens", ylabel="texts",
+                  title="Detector z-scores")
+    histogram.legend(loc="upper center")
+    for length, marked in experiment.z_marked.items():
+        plain = experiment.z_plain[length]
+        false_positive, true_positive, _ = roc_curve([1] * len(marked) + [0] * len(plain), [*marked, *plain])
+        roc.plot(false_positive, true_positive, label=f"{length} tokens (AUC {_auc(marked, plain):.3f})")
+    roc.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    roc.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC by text length")
+    roc.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    return figure
