@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 import tomllib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -237,7 +238,7 @@ class Generation:
 
 def generate_watermarked(
     model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, watermark: bool = True,
-    temperature: float = 0.7, min_new_tokens: int = 0, seed: int = 0, batch_size: int = 16,
+    temperature: float = 0.7, min_new_tokens: int = 0, seed: int = 0, batch_size: int = 64,
     add_special_tokens: bool = True,
 ) -> list[Generation]:
     """Sample a continuation of each prompt (multinomial, ``temperature``), watermarked unless ``watermark`` is off.
@@ -372,6 +373,7 @@ class WatermarkExperiment:
     perplexity_marked: tuple[float, ...]    # under the model without the watermark
     perplexity_plain: tuple[float, ...]
     temperature: float
+    seconds: float  # wall time of the whole measurement: sampling, detection, the attack and the perplexities
     threshold: float = DETECTION_Z
 
 
@@ -387,6 +389,7 @@ def run_watermark_experiment(
     """
     from alpaca_nb.progress import progress_bar
 
+    started = time.perf_counter()
     longest = max(lengths)
     texts = {watermark: generate_watermarked(model, tokenizer, prompts, longest, watermark=watermark,
                                              temperature=temperature, min_new_tokens=longest, seed=seed,
@@ -405,7 +408,7 @@ def run_watermark_experiment(
     return WatermarkExperiment(
         tuple(texts[True]), tuple(texts[False]), z_marked, z_plain, attack_z,
         tuple(perplexity(model, g) for g in texts[True]), tuple(perplexity(model, g) for g in texts[False]),
-        temperature,
+        temperature, time.perf_counter() - started,
     )
 
 
