@@ -281,12 +281,10 @@ class ServedDemo:
     def build(self, check: Callable[[str], Moderation] | None = None) -> ChatDemo:
         """Return the ``ChatDemo`` these settings describe; ``check`` defaults to the profile's content filter."""
         if check is None:
-            from functools import partial
-
             from alpaca_nb.profiles import current_profile
-            from alpaca_nb.safety import moderation_client
+            from alpaca_nb.safety import profile_filter
 
-            check = partial(moderate, client=moderation_client(current_profile()))
+            check = profile_filter(current_profile())
         if self.base_url:
             from alpaca_nb.llm import Endpoint
 

@@ -19,9 +19,9 @@ import re
 import time
 import tomllib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -50,6 +50,7 @@ __all__ = [
     "paper_comparison",
     "parse_rules",
     "perplexity",
+    "profile_filter",
     "plot_watermark",
     "run_watermark_experiment",
     "watermarking_config",
@@ -90,6 +91,11 @@ def moderation_client(profile: Any) -> Any:
     import openai
 
     return openai.OpenAI(base_url=profile.moderation_base_url)  # the key comes from OPENAI_API_KEY
+
+
+def profile_filter(profile: Any) -> Callable[[str], Moderation]:
+    """Return the profile's content filter: ``moderate`` bound to its moderation endpoint, or offline."""
+    return partial(moderate, client=moderation_client(profile))
 
 
 def moderate(text: str, client: Any = None, model: str = MODERATION_MODEL) -> Moderation:

@@ -129,6 +129,20 @@ def test_api_checker_asks_omni_moderation_and_reads_the_13_categories(moderation
     assert not clean.flagged and clean.checker == "openai:omni-moderation-2024-09-26"
 
 
+def test_the_profile_filter_is_offline_unless_the_profile_names_an_endpoint(moderation_stub, monkeypatch):
+    from dataclasses import replace
+
+    from alpaca_nb.profiles import load_profile
+    from alpaca_nb.safety import OFFLINE_CHECKER, profile_filter
+
+    laptop = load_profile("laptop")
+    assert profile_filter(laptop)("a haiku about autumn").checker == OFFLINE_CHECKER
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    online = profile_filter(replace(laptop, moderation_base_url=moderation_stub.base_url))
+    assert online("plan an attack on my neighbour").flagged_categories() == ["violence"]
+    assert moderation_stub.requests[-1][0] == "/v1/moderations"
+
+
 # --------------------------------------------------------------------------- watermark
 
 
