@@ -39,6 +39,7 @@ __all__ = [
     "WatermarkVerdict",
     "attack_table",
     "checker_error_rates",
+    "checker_mistakes",
     "detect_watermark",
     "detection_lengths",
     "detection_table",
@@ -219,6 +220,12 @@ def checker_error_rates(prompts: Sequence[LabelledPrompt], verdicts: Sequence[Mo
         false_positives=sum(v.flagged for p, v in pairs if not p.harmful), benign=sum(not p.harmful for p in prompts),
         false_negatives=sum(not v.flagged for p, v in pairs if p.harmful), harmful=sum(p.harmful for p in prompts),
     )
+
+
+def checker_mistakes(prompts: Sequence[LabelledPrompt], verdicts: Sequence[Moderation]) -> list[dict[str, str]]:
+    """Return one row per prompt the checker got wrong: the prompt, its label, and what the checker flagged."""
+    return [{"prompt": p.text, "label": p.kind, "flagged as": ", ".join(v.flagged_categories()) or "(allowed)"}
+            for p, v in zip(prompts, verdicts, strict=True) if p.harmful != v.flagged]
 
 
 # --------------------------------------------------------------------------- the watermark

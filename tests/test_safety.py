@@ -16,6 +16,7 @@ from alpaca_nb.safety import (
     LabelledPrompt,
     ModerationError,
     checker_error_rates,
+    checker_mistakes,
     detect_watermark,
     edit_tokens,
     generate_watermarked,
@@ -86,6 +87,9 @@ def test_error_rates_count_both_kinds_of_mistake():
     assert rates.false_positive_rate == rates.false_negative_rate == 0.5
     with pytest.raises(ValueError, match="3 prompts but 4 verdicts"):
         checker_error_rates(prompts[:3], verdicts)
+    mistakes = checker_mistakes(prompts, verdicts)
+    assert [row["prompt"] for row in mistakes] == ["b", "d"]
+    assert mistakes[0]["flagged as"] == "(allowed)" and "violence" in mistakes[1]["flagged as"]
 
 
 # --------------------------------------------------------------------------- OpenAI's endpoint (stub)
