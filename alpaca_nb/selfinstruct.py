@@ -17,6 +17,7 @@ import random
 import re
 import shutil
 import string
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,7 +40,9 @@ __all__ = [
     "FORMATS",
     "FormatConstraint",
     "Funnel",
+    "BookGeneration",
     "book_funnels",
+    "copy_first_requests",
     "book_main_run",
     "live_funnel",
     "GenerationReport",
@@ -646,40 +649,72 @@ def live_funnel(profile: Any) -> Funnel:
     return next(funnel for funnel in book_funnels(profile) if funnel.folder == folder)
 
 
-def run_book_generation(profile: Any, teacher: Endpoint) -> dict[str, Path]:
-    """Run chapter 2 afresh: every funnel for ``generate_compare_requests`` requests on the same prompts, then
-    the profile's funnel on to ``generate_instructions`` kept or ``generate_max_requests``; returns name -> folder.
+@dataclass(frozen=True)
+class BookGeneration:
+    """Chapter 2's runs: every funnel's folder (all on the same first prompts), the live run, and the wall time
+    of each phase."""
+
+    funnels: dict[str, Path]  # funnel name -> folder
+    live_run: Path
+    live_seconds: float  # the live run alone, from the first request to the target
+    compare_seconds: float  # the other funnels, on the live run's first prompts
+
+
+def run_book_generation(profile: Any, teacher: Endpoint) -> BookGeneration:
+    """Run chapter 2 afresh: the live run (the profile's funnel) to ``generate_instructions`` kept or
+    ``generate_max_requests``, then every other funnel for ``generate_compare_requests`` requests on the same
+    prompts. The live funnel's column is the live run's first requests: prompts depend only on the request
+    number, so nothing is asked twice.
     """
     root = profile.run_dir("self-instruct")
     shutil.rmtree(root, ignore_errors=True)  # every build measures afresh
-    folders = {funnel.name: root / funnel.folder for funnel in book_funnels(profile)}
-
-    def compare(funnel: Funnel) -> None:
-        generate(teacher.copy(), 10**9, folders[funnel.name], budget_usd=profile.generate_budget_usd or None,
-                 concurrency=profile.generate_concurrency, sampling=funnel.sampling, constraint=funnel.constraint,
-                 max_requests=profile.generate_compare_requests, progress=False)
-
-    # The funnels run side by side, sharing the server's slots (on 2 CPU cores this saved little: the server is
-    # busy either way). Each has its own folder, ledger and endpoint hook.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(folders)) as pool:
-        for done in [pool.submit(compare, funnel) for funnel in book_funnels(profile)]:
-            done.result()
     live = live_funnel(profile)
-    # A copy of that funnel's folder, resumed: its first requests count towards the target, and the
-    # funnel itself keeps its comparison size.
-    shutil.copytree(root / live.folder, book_main_run(profile))
+    started = time.perf_counter()
     generate(teacher, profile.generate_instructions, book_main_run(profile), budget_usd=profile.generate_budget_usd or None,
              concurrency=profile.generate_concurrency, sampling=live.sampling, constraint=live.constraint,
              max_requests=profile.generate_max_requests, progress=False)
-    return folders
+    live_seconds = time.perf_counter() - started
+    copy_first_requests(book_main_run(profile), root / live.folder, profile.generate_compare_requests)
+
+    def compare(funnel: Funnel) -> None:
+        generate(teacher.copy(), 10**9, root / funnel.folder, budget_usd=profile.generate_budget_usd or None,
+                 concurrency=profile.generate_concurrency, sampling=funnel.sampling, constraint=funnel.constraint,
+                 max_requests=profile.generate_compare_requests, progress=False)
+
+    # The other funnels run side by side, sharing the server's slots; each has its own folder, ledger and hook.
+    others = [funnel for funnel in book_funnels(profile) if funnel != live]
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(others)) as pool:
+        for done in [pool.submit(compare, funnel) for funnel in others]:
+            done.result()
+    return BookGeneration({funnel.name: root / funnel.folder for funnel in book_funnels(profile)},
+                          book_main_run(profile), live_seconds, time.perf_counter() - started)
+
+
+def copy_first_requests(run: str | os.PathLike, out_dir: str | os.PathLike, requests: int) -> Path:
+    """Write into ``out_dir`` what run ``run``'s requests numbered below ``requests`` produced: their entries, kept
+    records and ledger lines, counted as that run counted them (its near-duplicate pool held whatever had been
+    kept when each finished). Returns ``out_dir``."""
+    source, out = Path(run), Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    finished = [entry for entry in read_requests(source) if entry["request"] < requests]
+    request_ids = {entry["request_id"] for entry in finished}
+    append_records(out / "requests.jsonl", finished)
+    append_records(out / "generated.jsonl", [record for record in read_generated(source) if record["request"] < requests])
+    if (source / "ledger.jsonl").is_file():
+        append_records(out / "ledger.jsonl", [line for _, line in read_records(source / "ledger.jsonl")
+                                              if line.get("request_id") in request_ids])
+    return out
 
 
 def ensure_book_generation(profile: Any) -> Path:
-    """Return chapter 2's live-run folder, running chapter 2's generation first if it is not there (chapter 3
-    executed on its own)."""
-    if not (book_main_run(profile) / "requests.jsonl").is_file():
+    """Return chapter 2's live-run folder, running chapter 2's generation first if any of its runs is not there
+    (chapter 3 executed on its own)."""
+    folders = [book_main_run(profile), *(profile.run_dir("self-instruct") / funnel.folder for funnel in book_funnels(profile))]
+    if not all((folder / "requests.jsonl").is_file() for folder in folders):
         with teacher_endpoint(profile) as teacher:
-            run_book_generation(profile, teacher)
+            return run_book_generation(profile, teacher).live_run
     return book_main_run(profile)
 
 

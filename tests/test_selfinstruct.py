@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -306,10 +307,61 @@ def test_ensure_book_generation_reads_an_existing_live_run_without_starting_a_te
 
     monkeypatch.setenv("ALPACA_NB_CACHE_DIR", str(tmp_path))
     laptop = load_profile("laptop")
+    root = tmp_path / "runs" / "laptop" / "self-instruct"
+    for folder in ["live", *(funnel.folder for funnel in selfinstruct.book_funnels(laptop))]:
+        write_run(root / folder, [{"request": 0, "finish_reason": "stop", "completion_tokens": 1, "completion": "",
+                                   "counters": {"blocks": 1}}], [])
+    monkeypatch.setattr(selfinstruct, "teacher_endpoint", None)  # calling it would fail the test
+    assert selfinstruct.ensure_book_generation(laptop) == root / "live"
+
+
+def test_ensure_book_generation_reruns_chapter_2_when_a_funnel_is_missing(tmp_path, monkeypatch):
+    from contextlib import contextmanager
+
+    from alpaca_nb import selfinstruct
+    from alpaca_nb.profiles import load_profile
+
+    monkeypatch.setenv("ALPACA_NB_CACHE_DIR", str(tmp_path))
+    laptop = load_profile("laptop")
     write_run(selfinstruct.book_main_run(laptop), [{"request": 0, "finish_reason": "stop", "completion_tokens": 1,
                                                     "completion": "", "counters": {"blocks": 1}}], [])
-    monkeypatch.setattr(selfinstruct, "teacher_endpoint", None)  # calling it would fail the test
-    assert selfinstruct.ensure_book_generation(laptop) == tmp_path / "runs" / "laptop" / "self-instruct" / "live"
+    runs = []
+
+    @contextmanager
+    def teacher(profile):
+        yield "teacher"
+
+    monkeypatch.setattr(selfinstruct, "teacher_endpoint", teacher)
+    monkeypatch.setattr(selfinstruct, "run_book_generation",
+                        lambda profile, endpoint: runs.append(endpoint) or SimpleNamespace(live_run="rerun"))
+    assert selfinstruct.ensure_book_generation(laptop) == "rerun" and runs == ["teacher"]
+
+
+def test_copy_first_requests_keeps_only_what_the_first_prompts_produced(tmp_path):
+    from alpaca_nb.jsonl import append_records
+    from alpaca_nb.selfinstruct import copy_first_requests, funnel_table, load_run
+
+    run = tmp_path / "live"
+    # Finished out of order, as requests in flight do.
+    write_run(run, [
+        {"request": 2, "request_id": "c", "finish_reason": "stop", "completion_tokens": 30, "completion": "",
+         "counters": {"blocks": 8, "near_duplicate": 1, "kept": 7}},
+        {"request": 0, "request_id": "a", "finish_reason": "length", "completion_tokens": 10, "completion": "",
+         "counters": {"blocks": 8, "truncated": 1, "kept": 5, "too_short": 2}},
+        {"request": 1, "request_id": "b", "finish_reason": "stop", "completion_tokens": 20, "completion": "",
+         "counters": {"blocks": 8, "kept": 8}},
+    ], [{"instruction": f"task {number}", "request": request}
+        for request, count in ((2, 7), (0, 5), (1, 8)) for number in range(count)])
+    append_records(run / "ledger.jsonl", [
+        {"time": 0.0, "stage": "generate", "model": "m", "api": "completions", "outcome": "ok", "status": 200,
+         "error": "", "prompt_tokens": 1, "completion_tokens": 1, "cost_usd": cost, "latency_s": 1.0,
+         "request_id": request_id, "attempt": 1} for request_id, cost in (("a", 0.5), ("b", 0.25), ("c", 1.0))])
+    out = copy_first_requests(run, tmp_path / "constrained", 2)
+    report = load_run(out)
+    assert (report.requests, report.kept, report.counters["blocks"], report.counters["truncated"]) == (2, 13, 16, 1)
+    assert report.spent_usd == 0.75
+    assert funnel_table({"first two": out})["first two"]["mean completion tokens"] == 15
+    assert load_run(run).kept == 20  # the source run is left as it was
 
 
 def test_no_request_starts_once_those_in_flight_are_expected_to_reach_the_target():
