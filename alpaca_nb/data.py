@@ -33,6 +33,7 @@ __all__ = [
     "cache_dir",
     "describe_assets",
     "download",
+    "jsonl_objects",
     "load_alpaca_data",
     "load_alpaca_eval_annotations",
     "load_alpaca_eval_outputs",
@@ -44,6 +45,7 @@ __all__ = [
     "load_seed_tasks",
     "load_truthfulqa_mc",
     "offline",
+    "required_field",
     "resolve",
 ]
 
@@ -386,7 +388,7 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}, line {line}: not valid UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start})") from None
 
 
-def _jsonl_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def jsonl_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (location, object) for each non-blank line; location reads 'file, line N'."""
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -418,7 +420,9 @@ def _json_list_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield where, record
 
 
-def _field(where: str, record: dict[str, Any], name: str, kind: type, *, allow_empty: bool = False) -> Any:
+def required_field(where: str, record: dict[str, Any], name: str, kind: type, *, allow_empty: bool = False) -> Any:
+    """Return ``record[name]``, refusing a missing, mistyped or (unless ``allow_empty``) blank value with a
+    DataError that names ``where`` (file and line) and the field."""
     if name not in record:
         raise DataError(f"{where}, field {name!r}: missing")
     value = record[name]
@@ -430,14 +434,14 @@ def _field(where: str, record: dict[str, Any], name: str, kind: type, *, allow_e
 
 
 def _single_instance(where: str, record: dict[str, Any]) -> tuple[str, str]:
-    instances = _field(where, record, "instances", list)
+    instances = required_field(where, record, "instances", list)
     if not instances:
         raise DataError(f"{where}, field 'instances': empty")
     first = instances[0]
     if not isinstance(first, dict):
         raise DataError(f"{where}, field 'instances[0]': expected object, got {type(first).__name__}")
     inner = f"{where}, instances[0]"
-    return _field(inner, first, "input", str, allow_empty=True), _field(inner, first, "output", str)
+    return required_field(inner, first, "input", str, allow_empty=True), required_field(inner, first, "output", str)
 
 
 def _unique_ids(records: list, path: Path, locations: list[str]) -> None:
@@ -450,7 +454,7 @@ def _unique_ids(records: list, path: Path, locations: list[str]) -> None:
 
 def _load_with_ids(path: Path, build: Callable[[str, dict[str, Any]], Any]) -> list:
     records, locations = [], []
-    for where, raw in _jsonl_objects(path):
+    for where, raw in jsonl_objects(path):
         records.append(build(where, raw))
         locations.append(where)
     if not records:
@@ -468,12 +472,12 @@ def load_seed_tasks(path: str | os.PathLike | None = None) -> list[SeedTask]:
     def build(where: str, raw: dict[str, Any]) -> SeedTask:
         task_input, output = _single_instance(where, raw)
         return SeedTask(
-            id=_field(where, raw, "id", str),
-            name=_field(where, raw, "name", str),
-            instruction=_field(where, raw, "instruction", str),
+            id=required_field(where, raw, "id", str),
+            name=required_field(where, raw, "name", str),
+            instruction=required_field(where, raw, "instruction", str),
             input=task_input,
             output=output,
-            is_classification=_field(where, raw, "is_classification", bool),
+            is_classification=required_field(where, raw, "is_classification", bool),
         )
 
     return _load_with_ids(resolve("seed_tasks", path), build)
@@ -485,9 +489,9 @@ def load_eval_instructions(path: str | os.PathLike | None = None) -> list[EvalIn
     def build(where: str, raw: dict[str, Any]) -> EvalInstruction:
         task_input, output = _single_instance(where, raw)
         return EvalInstruction(
-            id=_field(where, raw, "id", str),
-            motivation_app=_field(where, raw, "motivation_app", str),
-            instruction=_field(where, raw, "instruction", str),
+            id=required_field(where, raw, "id", str),
+            motivation_app=required_field(where, raw, "motivation_app", str),
+            instruction=required_field(where, raw, "instruction", str),
             input=task_input,
             output=output,
         )
@@ -514,9 +518,9 @@ def load_alpaca_data(
         allow_empty_output = path is None and asset == "alpaca_data"
     records = [
         AlpacaRecord(
-            instruction=_field(where, raw, "instruction", str),
-            input=_field(where, raw, "input", str, allow_empty=True),
-            output=_field(where, raw, "output", str, allow_empty=allow_empty_output),
+            instruction=required_field(where, raw, "instruction", str),
+            input=required_field(where, raw, "input", str, allow_empty=True),
+            output=required_field(where, raw, "output", str, allow_empty=allow_empty_output),
         )
         for where, raw in _json_list_objects(source)
     ]
@@ -542,17 +546,17 @@ def load_davinci_eval_answers(path: str | os.PathLike | None = None,
     source = resolve("davinci_eval_answers", path)
     instructions = instructions if instructions is not None else load_eval_instructions()
     answers = []
-    for where, raw in _jsonl_objects(source):
+    for where, raw in jsonl_objects(source):
         index = len(answers)
         if index >= len(instructions):
             raise DataError(f"{where}: more answers than the {len(instructions)} evaluation instructions")
         expected = instructions[index]
-        instruction = _field(where, raw, "instruction", str)
+        instruction = required_field(where, raw, "instruction", str)
         if instruction.strip() != expected.instruction.strip():
             raise DataError(f"{where}, field 'instruction': does not match instruction {index} ({expected.id}); "
                             f"the answers must follow the order of user_oriented_instructions.jsonl")
         answers.append(SystemAnswer(instruction=expected.instruction, input=expected.input,
-                                    output=_field(where, raw, "response", str, allow_empty=True),
+                                    output=required_field(where, raw, "response", str, allow_empty=True),
                                     generator="text-davinci-003"))
     if len(answers) != len(instructions):
         raise DataError(f"{source}: {len(answers)} answers for {len(instructions)} evaluation instructions")
@@ -563,9 +567,9 @@ def load_alpaca_eval_outputs(asset: str = "alpaca_eval_alpaca_7b",
                              path: str | os.PathLike | None = None) -> list[SystemAnswer]:
     """Return a system's answers in AlpacaEval's model_outputs.json format (instruction, output, generator)."""
     source = resolve(asset, path)
-    return [SystemAnswer(instruction=_field(where, raw, "instruction", str), input="",
-                         output=_field(where, raw, "output", str, allow_empty=True),
-                         generator=_field(where, raw, "generator", str))
+    return [SystemAnswer(instruction=required_field(where, raw, "instruction", str), input="",
+                         output=required_field(where, raw, "output", str, allow_empty=True),
+                         generator=required_field(where, raw, "generator", str))
             for where, raw in _json_list_objects(source)]
 
 
@@ -573,11 +577,11 @@ def load_alpaca_eval_annotations(asset: str = "alpaca_eval_gpt4_annotations",
                                  path: str | os.PathLike | None = None) -> list[PairwiseJudgement]:
     """Return pairwise judgements in AlpacaEval's annotations.json format, any judge, any pair of systems."""
     source = resolve(asset, path)
-    return [PairwiseJudgement(instruction=_field(where, raw, "instruction", str),
-                              output_1=_field(where, raw, "output_1", str, allow_empty=True),
-                              output_2=_field(where, raw, "output_2", str, allow_empty=True),
-                              generator_1=_field(where, raw, "generator_1", str),
-                              generator_2=_field(where, raw, "generator_2", str),
+    return [PairwiseJudgement(instruction=required_field(where, raw, "instruction", str),
+                              output_1=required_field(where, raw, "output_1", str, allow_empty=True),
+                              output_2=required_field(where, raw, "output_2", str, allow_empty=True),
+                              generator_1=required_field(where, raw, "generator_1", str),
+                              generator_2=required_field(where, raw, "generator_2", str),
                               preference=_preference(where, raw))
             for where, raw in _json_list_objects(source)]
 
@@ -650,7 +654,7 @@ def load_truthfulqa_mc(path: str | os.PathLike | None = None,
                   for _, row in _csv_rows(resolve("truthfulqa", questions_csv), ("Question", "Category"))}
     questions = []
     for where, raw in _json_list_objects(source):
-        question = _field(where, raw, "question", str)
+        question = required_field(where, raw, "question", str)
         mc1, mc2 = _targets(where, raw, "mc1_targets"), _targets(where, raw, "mc2_targets")
         if sum(mc1.values()) != 1:
             raise DataError(f"{where}, field 'mc1_targets': {sum(mc1.values())} true answers; MC1 needs exactly one")
@@ -662,7 +666,7 @@ def load_truthfulqa_mc(path: str | os.PathLike | None = None,
 
 
 def _targets(where: str, raw: dict[str, Any], name: str) -> dict[str, int]:
-    targets = _field(where, raw, name, dict)
+    targets = required_field(where, raw, name, dict)
     if len(targets) < 2:
         raise DataError(f"{where}, field {name!r}: needs at least two answers")
     for answer, label in targets.items():

@@ -89,14 +89,13 @@ def _probe_file() -> Path:
 
 def load_probes(path: str | os.PathLike | None = None) -> list[Probe]:
     """Return the shipped probe set (or the JSONL file at ``path``), validated line by line."""
-    from alpaca_nb.data import _field, _jsonl_objects
+    from alpaca_nb.data import jsonl_objects, required_field
 
     source = Path(path) if path is not None else _probe_file()
     probes, seen = [], {}
-    for where, raw in _jsonl_objects(source):
-        probe = Probe(id=_field(where, raw, "id", str), category=_field(where, raw, "category", str),
-                      question=_field(where, raw, "question", str), answer=_field(where, raw, "answer", str),
-                      aliases=_strings(where, raw, "aliases", allow_empty=True),
+    for where, raw in jsonl_objects(source):
+        text = {name: required_field(where, raw, name, str) for name in ("id", "category", "question", "answer")}
+        probe = Probe(**text, aliases=_strings(where, raw, "aliases", allow_empty=True),
                       distractors=_strings(where, raw, "distractors", allow_empty=False))
         if probe.category not in CATEGORIES:
             raise DataError(f"{where}, field 'category': {probe.category!r} is not one of {', '.join(CATEGORIES)}")
@@ -127,9 +126,9 @@ def _refuse_repeats(where: str, probe: Probe) -> None:
 
 
 def _strings(where: str, raw: dict, name: str, *, allow_empty: bool) -> tuple[str, ...]:
-    from alpaca_nb.data import _field
+    from alpaca_nb.data import required_field
 
-    values = _field(where, raw, name, list)
+    values = required_field(where, raw, name, list)
     if not allow_empty and not values:
         raise DataError(f"{where}, field {name!r}: empty")
     for index, value in enumerate(values):

@@ -26,7 +26,7 @@ from transformers import AttentionInterface, DataCollatorWithFlattening, PreTrai
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from alpaca_nb.data import AlpacaRecord, DataError, _jsonl_objects, load_alpaca_data
+from alpaca_nb.data import AlpacaRecord, DataError, jsonl_objects, load_alpaca_data
 from alpaca_nb.jsonl import write_text_atomically
 from alpaca_nb.progress import progress_bar
 
@@ -584,7 +584,7 @@ def export_trl_jsonl(records: Iterable[Any], path: str | os.PathLike) -> Path:
 def import_trl_jsonl(path: str | os.PathLike) -> list[AlpacaRecord]:
     """Return the Alpaca records of a TRL prompt-completion JSONL file; DataError names file, line and field."""
     rows = []
-    for where, row in _jsonl_objects(Path(path)):
+    for where, row in jsonl_objects(Path(path)):
         for field in ("prompt", "completion"):
             if not isinstance(row.get(field), str):
                 raise DataError(f"{where}, field {field!r}: missing or not a string")

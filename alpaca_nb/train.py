@@ -39,7 +39,7 @@ from alpaca_nb.sft import (
 __all__ = [
     "LOSS_CURVE_FILE", "BookData", "TrainConfig", "TrainConfigError", "TrainResult", "book_training_data",
     "fsdp_units", "gradient_accumulation_steps", "laptop_config", "main", "peft_available", "plot_loss_curve",
-    "profile_config", "train", "training_arguments", "upstream_config", "world_size",
+    "profile_config", "train", "training_arguments", "training_records", "upstream_config", "world_size",
 ]
 
 logger = logging.getLogger("alpaca_nb.train")  # the same name under `python -m`
@@ -411,7 +411,7 @@ class _ReportFsdpUnits(TrainerCallback):
 # --------------------------------------------------------------------------- the run
 
 
-def _load_records(config: TrainConfig) -> tuple[list, list]:
+def training_records(config: TrainConfig) -> tuple[list, list]:
     """Return (training records, held-out records): up to ``n_examples`` from the start, ``n_eval_examples`` from the end."""
     as_path = Path(config.data).expanduser()
     if as_path.suffix == ".json" or as_path.is_file():
@@ -522,7 +522,7 @@ def train(config: TrainConfig) -> TrainResult:
     trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
     total = sum(parameter.numel() for parameter in model.parameters())
 
-    records, held_out = _load_records(config)
+    records, held_out = training_records(config)
     examples, report = build_dataset(records, tokenizer, max_length=config.max_length,
                                      train_on_input=config.train_on_input)
     if not examples:

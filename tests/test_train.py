@@ -22,8 +22,8 @@ import torch
 import yaml
 
 from alpaca_nb.train import (
-    LOSS_CURVE_FILE, TrainConfig, TrainConfigError, _load_records, bf16_is_fast, book_training_data,
-    gradient_accumulation_steps, laptop_config, peft_available, profile_config, train, training_arguments, upstream_config,
+    LOSS_CURVE_FILE, TrainConfig, TrainConfigError, bf16_is_fast, book_training_data, gradient_accumulation_steps,
+    laptop_config, peft_available, profile_config, train, training_arguments, training_records, upstream_config,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,12 +121,12 @@ def test_held_out_records_come_from_the_end_and_their_loss_is_measured_before_an
     from alpaca_nb.data import load_alpaca_data
 
     records = load_alpaca_data(asset="alpaca_sample")
-    training, held_out = _load_records(tiny_config(tiny_llama, tmp_path, n_eval_examples=8, n_examples=50))
+    training, held_out = training_records(tiny_config(tiny_llama, tmp_path, n_eval_examples=8, n_examples=50))
     assert training == records[:50] and held_out == records[-8:]
-    training, _ = _load_records(tiny_config(tiny_llama, tmp_path, n_eval_examples=8, n_examples=None))
+    training, _ = training_records(tiny_config(tiny_llama, tmp_path, n_eval_examples=8, n_examples=None))
     assert training == records[:92]  # "all" stops short of the held-out records
     with pytest.raises(TrainConfigError, match="would leave none to train on"):
-        _load_records(tiny_config(tiny_llama, tmp_path, n_eval_examples=100))
+        training_records(tiny_config(tiny_llama, tmp_path, n_eval_examples=100))
 
     result = train(tiny_config(tiny_llama, tmp_path / "run", n_eval_examples=8, save_final_model=False))
     assert result.data_report.kept == 92
@@ -158,7 +158,7 @@ def test_book_training_data_mixes_generated_and_real_records_and_holds_out_the_r
     real = load_alpaca_data(asset="alpaca_sample")
     assert (data.mix.generated, data.mix.real, list(data.held_out)) == (20, 30, real[-10:])
     config = profile_config(profile, str(tmp_path / "run"), data)
-    training, held_out = _load_records(config)
+    training, held_out = training_records(config)
     assert training == list(data.mix.records) and held_out == real[-10:]
     assert not set(r.instruction for r in training) & set(r.instruction for r in held_out)
     with pytest.raises(TrainConfigError, match="finetune_eval_examples=100"):
