@@ -86,11 +86,16 @@ def _assets(_args: argparse.Namespace) -> int:
 
 
 def _reply(args: argparse.Namespace) -> int:
-    from alpaca_nb.models import generate_reply, load_model
+    from alpaca_nb.evaluate import instruction_text
+    from alpaca_nb.models import generate_reply, load_model, prompt_template
+    from alpaca_nb.sft import format_prompt
 
     model, tokenizer = load_model(args.model)
-    print(generate_reply(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, seed=args.seed))
+    template = args.template or prompt_template(args.model, tokenizer)
+    alpaca = template == "alpaca"
+    prompt = format_prompt(args.prompt, args.input) if alpaca else instruction_text(args.prompt, args.input)
+    print(generate_reply(model, tokenizer, prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         seed=args.seed, chat_template=not alpaca))
     return 0
 
 
@@ -216,8 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(run=_prepare)
     commands.add_parser("assets", help="list the pinned upstream files").set_defaults(run=_assets)
     reply = commands.add_parser("reply", help="answer one prompt with a model (default: the embedded one)")
-    reply.add_argument("prompt")
+    reply.add_argument("prompt", help="the instruction")
+    reply.add_argument("--input", default="", help="the instruction's input, if it has one")
     reply.add_argument("--model", default=None, help="Hugging Face id or local path (default: embedded SmolLM2)")
+    reply.add_argument("--template", choices=("alpaca", "chat"), default=None,
+                       help="prompt format (default: alpaca for a model alpaca_nb fine-tuned or one without a chat "
+                            "template, else the model's chat template)")
     reply.add_argument("--max-new-tokens", type=int, default=128)
     reply.add_argument("--temperature", type=float, default=0.0)
     reply.add_argument("--seed", type=int, default=0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -19,11 +20,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from alpaca_nb import __version__
 from alpaca_nb.data import cache_dir
+from alpaca_nb.jsonl import write_text_atomically
 
 __all__ = [
-    "EMBEDDED_MODEL_NAME", "ModelError", "embedded_gguf_path", "embedded_model_dir", "generate_reply", "load_model",
-    "load_tokenizer", "quiet_hf_progress",
+    "EMBEDDED_MODEL_NAME", "PROMPT_FILE", "PROMPT_TEMPLATES", "ModelError", "embedded_gguf_path", "embedded_model_dir",
+    "generate_reply", "load_model", "load_tokenizer", "prompt_template", "quiet_hf_progress", "record_prompt_template",
 ]
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct (embedded, Q4_1 GGUF dequantized to float32)"
@@ -97,6 +100,34 @@ def load_model(
     if device:
         model.to(device)
     return model.eval(), tokenizer
+
+
+PROMPT_FILE = "alpaca_nb.json"  # beside the weights of a model alpaca_nb fine-tuned: the prompt it learned
+PROMPT_TEMPLATES = ("alpaca", "chat")
+
+
+def record_prompt_template(model_dir: str | os.PathLike, template: str) -> Path:
+    """Write which prompt a fine-tuned model was trained on into its folder, for ``prompt_template``."""
+    if template not in PROMPT_TEMPLATES:
+        raise ValueError(f"template={template!r}: choose one of {PROMPT_TEMPLATES}")
+    return write_text_atomically(Path(model_dir) / PROMPT_FILE,
+                                 json.dumps({"prompt_template": template, "alpaca_nb": __version__}) + "\n")
+
+
+def prompt_template(name: str | os.PathLike | None, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+    """Return how to prompt a model: what a folder alpaca_nb fine-tuned records ("alpaca"), else "chat" when
+    the tokenizer has a chat template (the embedded model, instruct models on the hub), else "alpaca" (a base
+    model such as LLaMA-7B has no chat template)."""
+    record = Path(name) / PROMPT_FILE if name is not None else None
+    if record is None or not record.is_file():
+        return "alpaca" if tokenizer is not None and not tokenizer.chat_template else "chat"
+    try:
+        template = json.loads(record.read_text(encoding="utf-8"))["prompt_template"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"{record}: not an alpaca_nb prompt record ({error})") from None
+    if template not in PROMPT_TEMPLATES:
+        raise ModelError(f"{record}, field 'prompt_template': {template!r} is not one of {PROMPT_TEMPLATES}")
+    return template
 
 
 Message = dict[str, str]

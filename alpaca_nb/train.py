@@ -29,7 +29,7 @@ from transformers.utils.import_utils import is_in_notebook
 
 from alpaca_nb.data import AlpacaRecord, load_alpaca_data
 from alpaca_nb.jsonl import write_text_atomically
-from alpaca_nb.models import load_model, quiet_hf_progress
+from alpaca_nb.models import load_model, quiet_hf_progress, record_prompt_template
 from alpaca_nb.progress import progress_bar
 from alpaca_nb.sft import (
     AlpacaCollator, DataMix, SFTReport, build_dataset, enable_packed_attention, ensure_pad_token, export_stanford_json,
@@ -484,6 +484,8 @@ def _save_final(trainer: Trainer, tokenizer, config: TrainConfig, use_cache: boo
         trainer.accelerator.wait_for_everyone()
     else:
         trainer.save_model(final_dir)  # a LoRA run under FSDP/DeepSpeed saves the adapter only
+    if trainer.is_world_process_zero():
+        record_prompt_template(final_dir, "alpaca")  # `alpaca-nb reply` prompts it as it was trained
     return final_dir
 
 

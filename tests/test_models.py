@@ -79,3 +79,52 @@ def test_raw_prompt_without_chat_template_is_sent_as_is(embedded):
     chat = generate_reply(model, tokenizer, PROMPT, max_new_tokens=16)
     assert generate_reply(model, tokenizer, rendered, max_new_tokens=16, chat_template=False) == chat
     assert generate_reply(model, tokenizer, PROMPT, max_new_tokens=16, chat_template=False) != chat
+
+
+def test_the_prompt_template_is_what_a_fine_tuned_folder_records_else_the_tokenizers(embedded, tmp_path):
+    from alpaca_nb.models import PROMPT_FILE, prompt_template, record_prompt_template
+
+    _, tokenizer = embedded
+    assert prompt_template(None) == "chat" and prompt_template(tmp_path, tokenizer) == "chat"  # a chat model
+    template = tokenizer.chat_template
+    try:
+        tokenizer.chat_template = None  # a base model such as LLaMA-7B
+        assert prompt_template(tmp_path, tokenizer) == "alpaca"
+    finally:
+        tokenizer.chat_template = template
+    record_prompt_template(tmp_path, "alpaca")
+    assert prompt_template(tmp_path, tokenizer) == "alpaca"
+    (tmp_path / PROMPT_FILE).write_text('{"prompt_template": "vicuna"}')
+    with pytest.raises(ModelError, match=f"{PROMPT_FILE}, field 'prompt_template': 'vicuna'"):
+        prompt_template(tmp_path)
+    with pytest.raises(ValueError, match="template='vicuna'"):
+        record_prompt_template(tmp_path, "vicuna")
+
+
+def test_reply_prompts_a_fine_tuned_folder_with_the_alpaca_template(embedded, tmp_path, monkeypatch, capsys):
+    """`alpaca-nb reply --model FOLDER`: a folder alpaca_nb fine-tuned is asked in the Alpaca format it learned,
+    the embedded chat model through its chat template; --template overrides either."""
+    from alpaca_nb import models
+    from alpaca_nb.cli import main
+    from alpaca_nb.models import record_prompt_template
+    from alpaca_nb.sft import format_prompt
+
+    folder = tmp_path / "final"
+    folder.mkdir()
+    for file in embedded_model_dir().iterdir():
+        (folder / file.name).symlink_to(file)
+    record_prompt_template(folder, "alpaca")
+    sent, real = [], models.generate_reply
+
+    def recording(model, tokenizer, prompt, **options):
+        sent.append((prompt, options["chat_template"]))
+        return real(model, tokenizer, prompt, **options)
+
+    monkeypatch.setattr(models, "generate_reply", recording)
+    arguments = ["reply", "Add the numbers.", "--input", "2 and 3", "--max-new-tokens", "8"]
+    assert main([*arguments, "--model", str(folder)]) == 0
+    assert main(arguments) == 0
+    assert main([*arguments, "--model", str(folder), "--template", "chat"]) == 0
+    assert sent == [(format_prompt("Add the numbers.", "2 and 3"), False), ("Add the numbers.\n\n2 and 3", True),
+                    ("Add the numbers.\n\n2 and 3", True)]
+    assert capsys.readouterr().out.strip()  # the replies were printed

@@ -115,6 +115,9 @@ def test_train_lowers_the_loss_and_writes_the_curve_and_checkpoints(tiny_llama, 
 
     model, _ = load_model(result.final_model_dir)
     assert model.config.use_cache  # restored for generation after training without the cache
+    from alpaca_nb.models import prompt_template
+
+    assert prompt_template(result.final_model_dir) == "alpaca"  # `alpaca-nb reply` prompts it as it was trained
 
 
 def test_held_out_records_come_from_the_end_and_their_loss_is_measured_before_and_after(tiny_llama, tmp_path):
