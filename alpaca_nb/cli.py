@@ -163,9 +163,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         results = run_evaluation(
             args.out, system, template=template, instructions=args.instructions or profile.eval_instructions,
             max_new_tokens=profile.eval_max_new_tokens, probe_max_new_tokens=profile.probe_max_new_tokens,
-            truthfulqa_questions=(profile.truthfulqa_questions or None) if args.truthfulqa is None else (args.truthfulqa or None),
+            truthfulqa_questions=profile.truthfulqa_questions if args.truthfulqa is None else (args.truthfulqa or None),
             judge=judge, judge_calibration_pairs=profile.judge_calibration_pairs,
-            judge_budget_usd=profile.judge_budget_usd or None, concurrency=profile.generate_concurrency, **source)
+            judge_budget_usd=profile.judge_budget_usd, concurrency=profile.generate_concurrency, **source)
     h = results.hallucination
     print(f"{results.system} ({results.template} template): {len(results.replies)} replies; probes: {h['incorrect']} of "
           f"{h['probes']} wrong ({h['rate']:.0%}, 95 % {h['ci'][0]:.0%} to {h['ci'][1]:.0%}), {h['abstained']} abstained")

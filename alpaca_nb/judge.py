@@ -215,7 +215,7 @@ def judge_endpoint(profile: Any) -> Iterator[Endpoint]:
     """Yield the profile's judge: the embedded llama.cpp server on a laptop, the named API (gpt-4o-mini) on a cluster."""
     from alpaca_nb.llm import local_server
 
-    if profile.judge_base_url:
+    if profile.judge_base_url is not None:
         yield Endpoint(profile.judge_base_url, profile.judge_model, api="chat", timeout=120)
         return
     with local_server() as server:

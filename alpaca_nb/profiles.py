@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from importlib.resources import files
 from pathlib import Path
 
-__all__ = ["Profile", "ProfileError", "current_profile", "load_profile", "smoke_mode"]
+__all__ = ["UNSET_MEANS", "Profile", "ProfileError", "current_profile", "load_profile", "profile_table", "smoke_mode"]
 
 PROFILE_NAMES = ("laptop", "cluster")
 
@@ -26,12 +26,12 @@ class Profile:
     name: str
     description: str
     device: str
-    chat_model: str
-    base_model: str
+    chat_model: str | None
+    base_model: str | None
     alpaca_asset: str
     max_new_tokens: int
     table_rows: int
-    teacher_base_url: str
+    teacher_base_url: str | None
     teacher_model: str
     server_parallel: int
     server_context: int
@@ -44,22 +44,22 @@ class Profile:
     constrained_format: str
     generate_compare_requests: int
     generate_concurrency: int
-    generate_budget_usd: float
+    generate_budget_usd: float | None
     ledger_requests: int
     finetune_asset: str
     finetune_examples: int
     finetune_eval_examples: int
-    finetune_max_steps: int
+    finetune_max_steps: int | None
     eval_instructions: int
     eval_max_new_tokens: int
     probe_max_new_tokens: int
-    eval_probes: int
-    truthfulqa_questions: int
-    judge_base_url: str
+    eval_probes: int | None
+    truthfulqa_questions: int | None
+    judge_base_url: str | None
     judge_model: str
     judge_calibration_pairs: int
-    judge_budget_usd: float
-    moderation_base_url: str
+    judge_budget_usd: float | None
+    moderation_base_url: str | None
     watermark_prompts: int
     watermark_max_tokens: int
     smoke: bool = False
@@ -71,14 +71,27 @@ class Profile:
         return cache_dir() / "runs" / (f"{self.name}-smoke" if self.smoke else self.name) / stage
 
     def as_rows(self) -> list[tuple[str, str]]:
-        """Return (setting, value) pairs for display, naming the embedded model where a field is empty."""
-        embedded = {"teacher_base_url": "embedded llama.cpp server", "judge_base_url": "embedded llama.cpp server",
-                    "moderation_base_url": "offline checker (alt-profanity-check and rules)"}
-        return [(key, str(value) if value != "" else embedded.get(key, "embedded SmolLM2-135M-Instruct"))
-                for key, value in asdict(self).items()]
+        """Return (setting, value) pairs for display, saying what an unset (None) setting means."""
+        return [(key, UNSET_MEANS[key] if value is None else str(value)) for key, value in asdict(self).items()]
 
 
-def _table() -> dict:
+# A setting left out of profiles.toml is None; this is what None means for each that may be left out.
+UNSET_MEANS = {
+    "chat_model": "the embedded SmolLM2-135M-Instruct",
+    "base_model": "the embedded SmolLM2-135M-Instruct",
+    "teacher_base_url": "the embedded llama.cpp server",
+    "generate_budget_usd": "no cap",
+    "finetune_max_steps": "the preset's epochs",
+    "eval_probes": "every probe of the shipped set",
+    "truthfulqa_questions": "all 790 questions",
+    "judge_base_url": "the embedded llama.cpp server",
+    "judge_budget_usd": "no cap",
+    "moderation_base_url": "the offline checker (alt-profanity-check and rules)",
+}
+
+
+def profile_table() -> dict:
+    """Return profiles.toml as read: one table per profile, and the [smoke] overlay."""
     return tomllib.loads(files("alpaca_nb").joinpath("profiles.toml").read_text(encoding="utf-8"))
 
 
@@ -89,15 +102,19 @@ def smoke_mode() -> bool:
 
 def load_profile(name: str, smoke: bool = False) -> Profile:
     """Return the named profile, with the [smoke] sizes laid over it when ``smoke``."""
-    table = _table()
+    table = profile_table()
     if name not in PROFILE_NAMES:
         raise ProfileError(f"unknown profile {name!r} (ALPACA_NB_PROFILE); choose one of: {', '.join(PROFILE_NAMES)}")
-    settings = dict(table[name])
+    settings = {**dict.fromkeys(UNSET_MEANS), **table[name]}  # a setting left out is None
     known = {field.name for field in fields(Profile)}
     unknown = set(settings) - known
     missing = known - set(settings) - {"name", "smoke"}
     if unknown or missing:
         raise ProfileError(f"profiles.toml, [{name}]: unknown setting(s) {sorted(unknown)}, missing setting(s) {sorted(missing)}")
+    for key in UNSET_MEANS:
+        if settings[key] in ("", 0):  # the old sentinels: "" and 0 no longer mean "unset"
+            raise ProfileError(f"profiles.toml, [{name}], {key} = {settings[key]!r}: leave the setting out for "
+                               f"{UNSET_MEANS[key]}")
     profile = Profile(name=name, **settings)
     return replace(profile, smoke=True, **table.get("smoke", {})) if smoke else profile
 

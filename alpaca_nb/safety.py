@@ -87,7 +87,7 @@ class Moderation:
 
 def moderation_client(profile: Any) -> Any:
     """Return an ``openai.OpenAI`` client for the profile's moderation endpoint, or None for the offline checker."""
-    if not profile.moderation_base_url:
+    if profile.moderation_base_url is None:
         return None
     import openai
 

@@ -602,7 +602,7 @@ def teacher_endpoint(profile: Any, api: str = "completions") -> Iterator[Endpoin
 
     ``api`` applies to the embedded server; remote teachers (gpt-4o-mini and its kind) serve chat only.
     """
-    if profile.teacher_base_url:
+    if profile.teacher_base_url is not None:
         yield Endpoint(profile.teacher_base_url, profile.teacher_model, api="chat", timeout=600)
         return
     with local_server() as server:
@@ -670,14 +670,14 @@ def run_book_generation(profile: Any, teacher: Endpoint) -> BookGeneration:
     shutil.rmtree(root, ignore_errors=True)  # every build measures afresh
     live = live_funnel(profile)
     started = time.perf_counter()
-    generate(teacher, profile.generate_instructions, book_main_run(profile), budget_usd=profile.generate_budget_usd or None,
+    generate(teacher, profile.generate_instructions, book_main_run(profile), budget_usd=profile.generate_budget_usd,
              concurrency=profile.generate_concurrency, sampling=live.sampling, constraint=live.constraint,
              max_requests=profile.generate_max_requests, progress=False)
     live_seconds = time.perf_counter() - started
     copy_first_requests(book_main_run(profile), root / live.folder, profile.generate_compare_requests)
 
     def compare(funnel: Funnel) -> None:
-        generate(teacher.copy(), 10**9, root / funnel.folder, budget_usd=profile.generate_budget_usd or None,
+        generate(teacher.copy(), 10**9, root / funnel.folder, budget_usd=profile.generate_budget_usd,
                  concurrency=profile.generate_concurrency, sampling=funnel.sampling, constraint=funnel.constraint,
                  max_requests=profile.generate_compare_requests, progress=False)
 

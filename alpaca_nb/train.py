@@ -224,8 +224,8 @@ def profile_config(profile, output_dir: str, data: BookData | None = None) -> Tr
     """
     config = laptop_config(output_dir)
     config = replace(
-        config, model=profile.base_model or None, data=profile.finetune_asset, n_examples=profile.finetune_examples,
-        n_eval_examples=profile.finetune_eval_examples, max_steps=profile.finetune_max_steps or None,
+        config, model=profile.base_model, data=profile.finetune_asset, n_examples=profile.finetune_examples,
+        n_eval_examples=profile.finetune_eval_examples, max_steps=profile.finetune_max_steps,
         model_dtype="bfloat16" if config.lora and torch.cuda.is_available() else "float32",
     )
     if data is not None:
@@ -681,7 +681,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
     options = _parser().parse_args(argv)
     profile = current_profile()
     preset = options.preset or ("upstream" if profile.name == "cluster" else "laptop")
-    model = options.model if options.model is not None else (profile.base_model or None)
+    model = options.model if options.model is not None else profile.base_model
     if preset == "upstream":
         config = upstream_config(model, options.output_dir)
     else:
