@@ -18,13 +18,15 @@ import logging
 import os
 import sys
 import time
+import types
+import typing
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, SchedulerType, Trainer, TrainerCallback, TrainingArguments
 from transformers.utils.import_utils import is_in_notebook
 
 from alpaca_nb.data import AlpacaRecord, load_alpaca_data
@@ -619,80 +621,74 @@ def plot_loss_curve(result: TrainResult):
 # --------------------------------------------------------------------------- command line
 
 
+# Option names the book, README and configs already use for two fields; every other field is --field-name.
+_OPTION_NAMES = {"n_examples": "--examples", "n_eval_examples": "--eval-examples"}
+_OPTION_HELP = {
+    "model": "Hugging Face id or local folder (default: the profile's base_model; the embedded "
+             "SmolLM2-135M-Instruct on a laptop)",
+    "data": "a data asset name (alpaca_data, alpaca_sample, alpaca_gpt4_demo) or a stanford-format JSON file",
+    "model_dtype": "dtype of the loaded weights (bfloat16 for a LoRA base on one GPU)",
+    "n_examples": "train on the first N records",
+    "n_eval_examples": "hold out the last N records and report their loss before and after training",
+    "stop_after_steps": "checkpoint and stop at this step, as a killed job would (then --resume)",
+    "resume": "continue from the last checkpoint in --output-dir",
+}
+_OPTION_CHOICES = {"model_dtype": ("float32", "bfloat16", "float16"),
+                   "lr_scheduler": tuple(scheduler.value for scheduler in SchedulerType)}
+
+
 def _parser() -> argparse.ArgumentParser:
+    """Return the command line: --preset, then one option per TrainConfig field, derived from the dataclass so
+    that none is missed; an option not given keeps the preset's value."""
     parser = argparse.ArgumentParser(
         prog="python -m alpaca_nb.train",
         description="Fine-tune on Alpaca data with transformers' Trainer (book chapter 4). Launch it with "
                     "`accelerate launch --config_file configs/accelerate/... -m alpaca_nb.train` for several "
-                    "GPUs or processes.")
+                    "GPUs or processes. Options not given keep the preset's values.")
     parser.add_argument("--preset", choices=("laptop", "upstream"), default=None,
                         help="laptop: embedded model, CPU, minutes; upstream: the stanford_alpaca recipe "
                              "(default: upstream when ALPACA_NB_PROFILE=cluster, else laptop)")
-    parser.add_argument("--model", default=None,
-                        help="Hugging Face id or local folder (default: the profile's base_model; the embedded "
-                             "SmolLM2-135M-Instruct on a laptop)")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--data", default=None, help="a data asset name (alpaca_data, alpaca_sample, "
-                                                     "alpaca_gpt4_demo) or a stanford-format JSON file")
-    parser.add_argument("--model-dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="dtype of the loaded weights (default float32; bfloat16 for a LoRA base on one GPU)")
-    parser.add_argument("--examples", type=int, default=None, help="train on the first N records")
-    parser.add_argument("--eval-examples", type=int, default=None,
-                        help="hold out the last N records and report their loss before and after training")
-    parser.add_argument("--epochs", type=float, default=None)
-    parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--stop-after-steps", type=int, default=None,
-                        help="checkpoint and stop at this step, as a killed job would (then --resume)")
-    parser.add_argument("--learning-rate", type=float, default=None)
-    parser.add_argument("--global-batch-size", type=int, default=None)
-    parser.add_argument("--per-device-batch-size", type=int, default=None)
-    parser.add_argument("--max-length", type=int, default=None)
-    parser.add_argument("--warmup-ratio", type=float, default=None)
-    parser.add_argument("--save-steps", type=int, default=None)
-    parser.add_argument("--logging-steps", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--lora-r", type=int, default=None)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--padding-free", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--save-final-model", action=argparse.BooleanOptionalAction, default=None)
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+    hints = typing.get_type_hints(TrainConfig)
+    for config_field in fields(TrainConfig):
+        name = config_field.name
+        option = _OPTION_NAMES.get(name, "--" + name.replace("_", "-"))
+        kind = hints[name]
+        if isinstance(kind, types.UnionType):  # X | None: the option takes an X
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        options: dict[str, Any] = {"dest": name, "help": _OPTION_HELP.get(name)}
+        if name == "output_dir":
+            options["required"] = True
+        elif name == "resume":
+            options.update(action="store_true")
+        elif kind is bool:
+            options.update(action=argparse.BooleanOptionalAction, default=None)
+        elif typing.get_origin(kind) is tuple:
+            options.update(nargs="+", default=None)
+        else:
+            options.update(type=kind, default=None, choices=_OPTION_CHOICES.get(name))
+        parser.add_argument(option, **options)
     return parser
-
-
-_OVERRIDES = {  # command-line option -> TrainConfig field
-    "data": "data", "model_dtype": "model_dtype", "examples": "n_examples", "eval_examples": "n_eval_examples",
-    "epochs": "epochs",
-    "max_steps": "max_steps",
-    "stop_after_steps": "stop_after_steps", "learning_rate": "learning_rate",
-    "global_batch_size": "global_batch_size", "per_device_batch_size": "per_device_batch_size",
-    "max_length": "max_length", "warmup_ratio": "warmup_ratio", "save_steps": "save_steps",
-    "logging_steps": "logging_steps", "seed": "seed", "lora_r": "lora_r", "bf16": "bf16",
-    "padding_free": "padding_free", "activation_checkpointing": "activation_checkpointing",
-    "save_final_model": "save_final_model",
-}
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> TrainConfig:
     """Return the TrainConfig the command line asks for: a preset with the given options laid over it."""
     from alpaca_nb.profiles import current_profile
 
-    options = _parser().parse_args(argv)
+    options = vars(_parser().parse_args(argv))
     profile = current_profile()
-    preset = options.preset or ("upstream" if profile.name == "cluster" else "laptop")
-    model = options.model if options.model is not None else profile.base_model
+    preset = options.pop("preset") or ("upstream" if profile.name == "cluster" else "laptop")
+    model = options.pop("model")
+    model = model if model is not None else profile.base_model
+    output_dir, lora = options.pop("output_dir"), options["lora"]
     if preset == "upstream":
-        config = upstream_config(model, options.output_dir)
+        config = upstream_config(model, output_dir)
     else:
-        config = replace(laptop_config(options.output_dir, lora=options.lora), model=model)
-    overrides = {name: getattr(options, option) for option, name in _OVERRIDES.items()
-                 if getattr(options, option) is not None}
-    if options.lora is not None and options.lora != config.lora:
-        overrides["lora"] = options.lora
-        if options.lora and options.learning_rate is None:
-            overrides["learning_rate"] = LORA_LEARNING_RATE  # 2e-5 barely moves a rank-8 adapter
-    return replace(config, resume=options.resume, **overrides)
+        config = replace(laptop_config(output_dir, lora=lora), model=model)
+    overrides = {name: tuple(value) if isinstance(value, list) else value for name, value in options.items()
+                 if value is not None}
+    if lora and lora != config.lora and options["learning_rate"] is None:
+        overrides["learning_rate"] = LORA_LEARNING_RATE  # 2e-5 barely moves a rank-8 adapter
+    return replace(config, **overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

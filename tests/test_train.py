@@ -438,3 +438,33 @@ def test_loss_plot_shows_the_steps_and_the_held_out_loss_when_measured():
     assert "2.200 -> 1.800" in held_out.get_label()
     without_eval = TrainResult(**{**result.__dict__, "eval_loss_before": None, "eval_loss_after": None})
     assert len(plot_loss_curve(without_eval).axes[0].get_lines()) == 1
+
+
+def test_the_command_line_has_an_option_for_every_config_field_and_keeps_the_preset_otherwise(monkeypatch, capsys):
+    from dataclasses import fields
+
+    from alpaca_nb.train import config_from_args
+
+    monkeypatch.delenv("ALPACA_NB_PROFILE", raising=False)
+    preset = config_from_args(["--output-dir", "out"])
+    assert preset == replace(laptop_config("out"), model=None)
+    changed = config_from_args([
+        "--output-dir", "out", "--lora-alpha", "8", "--weight-decay", "0.1", "--train-on-input", "--no-bf16",
+        "--lora-target-modules", "q_proj", "v_proj", "--examples", "20", "--eval-examples", "4", "--lr-scheduler",
+        "linear", "--save-total-limit", "1", "--lora-dropout", "0.1", "--model-dtype", "bfloat16", "--resume"])
+    assert (changed.lora_alpha, changed.weight_decay, changed.train_on_input, changed.bf16) == (8, 0.1, True, False)
+    assert changed.lora_target_modules == ("q_proj", "v_proj") and (changed.n_examples, changed.n_eval_examples) == (20, 4)
+    assert (changed.lr_scheduler, changed.save_total_limit, changed.lora_dropout, changed.resume) == ("linear", 1, 0.1, True)
+    differ = {field.name for field in fields(preset) if getattr(preset, field.name) != getattr(changed, field.name)}
+    assert differ == {"lora_alpha", "weight_decay", "train_on_input", "bf16", "lora_target_modules", "n_examples",
+                      "n_eval_examples", "lr_scheduler", "save_total_limit", "lora_dropout", "model_dtype", "resume"}
+    with pytest.raises(SystemExit):
+        config_from_args(["--help"])
+    help_text = capsys.readouterr().out
+    for field in fields(preset):
+        if field.name not in ("n_examples", "n_eval_examples"):
+            assert "--" + field.name.replace("_", "-") in help_text, field.name
+    upstream = config_from_args(["--preset", "upstream", "--output-dir", "out", "--lora"])
+    assert upstream.lora and upstream.learning_rate == 3e-4  # a LoRA run on the upstream recipe gets LoRA's rate
+    with pytest.raises(SystemExit):
+        config_from_args(["--output-dir", "out", "--model-dtype", "float8"])
