@@ -146,15 +146,20 @@ def laptop_config(output_dir: str, lora: bool | None = None) -> TrainConfig:
     share of held-out greedy replies that end with EOS at 17 of 32, as before the fine-tune; 36 steps of this
     preset on chapter 4's mix gave 26 to 31 of 32 over five runs (2-core CPU, December 2026). Without peft it falls back to a full fine-tune at lr 5e-5
     (``lora=False`` forces it). Padding-free batches: packing computes no padding and gives the same loss.
-    The data default is the real 100-record sample, its last 32 held out; chapter 4 passes its own mix.
+    Data and held-out size are the laptop profile's (``finetune_asset``, ``finetune_eval_examples`` in
+    profiles.toml: the one place they are set); chapter 4 passes its own mix.
     """
+    from alpaca_nb.profiles import load_profile
+
+    laptop = load_profile("laptop")
     use_lora = peft_available() if lora is None else lora
     return TrainConfig(
-        output_dir=output_dir, model=None, data="alpaca_sample", n_examples=None, epochs=3.0,
+        output_dir=output_dir, model=laptop.base_model, data=laptop.finetune_asset, n_examples=None, epochs=3.0,
         learning_rate=LORA_LEARNING_RATE if use_lora else 5e-5, global_batch_size=16, per_device_batch_size=4,
         max_length=512, lr_scheduler="cosine", warmup_ratio=0.03, weight_decay=0.0, bf16=True, lora=use_lora,
         lora_r=16, lora_alpha=32, lora_target_modules=LAPTOP_LORA_TARGETS,
-        n_eval_examples=32, padding_free=True, save_steps=12, save_total_limit=2, logging_steps=1,
+        n_eval_examples=laptop.finetune_eval_examples, padding_free=True, save_steps=12, save_total_limit=2,
+        logging_steps=1,
     )
 
 

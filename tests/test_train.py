@@ -95,6 +95,16 @@ def test_laptop_config_uses_lora_exactly_when_peft_is_installed(tmp_path):
     assert not laptop_config(str(tmp_path), lora=False).lora
 
 
+def test_laptop_config_takes_its_data_and_held_out_size_from_the_laptop_profile(tmp_path, monkeypatch):
+    from alpaca_nb import profiles
+
+    table = profiles.profile_table()
+    table["laptop"].update(finetune_asset="alpaca_gpt4_demo", finetune_eval_examples=8)
+    monkeypatch.setattr(profiles, "profile_table", lambda: table)
+    config = laptop_config(str(tmp_path))
+    assert (config.data, config.n_eval_examples) == ("alpaca_gpt4_demo", 8)
+
+
 # --------------------------------------------------------------------------- real training steps
 
 
