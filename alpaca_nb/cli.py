@@ -107,25 +107,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     """Run self-instruct generation against an endpoint, or against the embedded server when none is given."""
-    import contextlib
-
-    from alpaca_nb.llm import Endpoint, local_server
-    from alpaca_nb.selfinstruct import SamplingSettings, format_constraint, generate
+    from alpaca_nb.selfinstruct import SamplingSettings, format_constraint, generate, open_teacher
 
     sampling = SamplingSettings(max_tokens=args.max_tokens)
     # The embedded 135M teacher loses the block layout within a few tasks; a real API teacher is upstream's case.
     output_format = args.format or ("upstream" if args.base_url else "grammar")
     constraint = format_constraint(output_format, sampling.num_prompt_instructions)
-    with contextlib.ExitStack() as stack:
-        base_url, model = args.base_url, args.model
-        if base_url is None:
-            server = stack.enter_context(local_server())
-            base_url, model = server.base_url, model or server.model
-            print(f"started the embedded llama.cpp server at {base_url} (pid {server.pid})")
-        if not model:
-            print("alpaca-nb generate: --model is required with --base-url", file=sys.stderr)
-            return 2
-        endpoint = Endpoint(base_url, model, api=args.api, timeout=args.timeout)
+    if args.base_url and not args.model:
+        print("alpaca-nb generate: --model is required with --base-url", file=sys.stderr)
+        return 2
+    with open_teacher(args.base_url, args.model, args.api, args.timeout, announce=print) as endpoint:
         report = generate(endpoint, args.num_instructions, args.out, budget_usd=args.budget_usd,
                           concurrency=args.concurrency, seed=args.seed, sampling=sampling, price_as=args.price_as,
                           max_requests=args.max_requests, constraint=constraint)
@@ -245,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--budget-usd", type=float, default=None)
     gen.add_argument("--concurrency", type=int, default=8)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--api", choices=["chat", "completions"], default="chat")
+    gen.add_argument("--api", choices=["chat", "completions"], default=None,
+                     help="default: completions for the embedded server (upstream's raw prompt), chat with --base-url")
     gen.add_argument("--max-tokens", type=int, default=3072, help="completion tokens per request (upstream: 3072)")
     gen.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     gen.add_argument("--price-as", default=None, help="price calls as this model (for self-hosted models)")

@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 from alpaca_nb.costs import BudgetExceeded, Ledger, count_tokens
 from alpaca_nb.data import AlpacaRecord, load_prompt_template, load_seed_tasks
@@ -70,6 +70,7 @@ __all__ = [
     "read_requests",
     "request_tokens",
     "run_book_generation",
+    "open_teacher",
     "teacher_endpoint",
 ]
 
@@ -597,16 +598,28 @@ def _postfix(run: _Run) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def teacher_endpoint(profile: Any, api: str = "completions") -> Iterator[Endpoint]:
-    """Yield the profile's teacher: the embedded llama.cpp server on a laptop, the named API on a cluster.
-
-    ``api`` applies to the embedded server; remote teachers (gpt-4o-mini and its kind) serve chat only.
+def open_teacher(base_url: str | None, model: str | None, api: str | None = None, timeout: float = 600.0,
+                 announce: Callable[[str], None] | None = None) -> Iterator[Endpoint]:
+    """Yield the teacher at ``base_url`` (``model`` names it there), or the embedded llama.cpp server, started
+    here and stopped on exit, when ``base_url`` is None. ``api`` defaults to "chat" for an API teacher
+    (gpt-4o-mini and its kind serve chat only) and to "completions" for the embedded server (upstream's raw
+    prompt). ``announce`` receives one line naming a started server and its pid.
     """
-    if profile.teacher_base_url is not None:
-        yield Endpoint(profile.teacher_base_url, profile.teacher_model, api="chat", timeout=600)
+    if base_url is not None:
+        if not model:
+            raise ValueError(f"a teacher at {base_url} needs its model name (--model)")
+        yield Endpoint(base_url, model, api=api or "chat", timeout=timeout)
         return
     with local_server() as server:
-        yield Endpoint(server.base_url, server.model, api=api, timeout=600)
+        if announce is not None:
+            announce(f"started the embedded llama.cpp server at {server.base_url} (pid {server.pid})")
+        yield Endpoint(server.base_url, model or server.model, api=api or "completions", timeout=timeout)
+
+
+def teacher_endpoint(profile: Any, api: str | None = None) -> contextlib.AbstractContextManager[Endpoint]:
+    """Return the profile's teacher (``open_teacher``): the embedded llama.cpp server on a laptop, the named API
+    on a cluster."""
+    return open_teacher(profile.teacher_base_url, profile.teacher_model if profile.teacher_base_url else None, api)
 
 
 # --------------------------------------------------------------------------- the book's runs (chapters 2-4)

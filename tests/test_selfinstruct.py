@@ -377,3 +377,34 @@ def test_no_request_starts_once_those_in_flight_are_expected_to_reach_the_target
     assert limits.may_start(fresh, in_flight=7) and not limits.may_start(fresh, in_flight=8)  # no yield known yet
     barren = SimpleNamespace(report=GenerationReport(Path("."), kept=0, requests=30))
     assert limits.may_start(barren, in_flight=7)  # nothing kept yet: keep every slot busy
+
+
+def test_one_teacher_wiring_chooses_the_api_by_where_the_teacher_is(monkeypatch):
+    """An API teacher gets chat unless told otherwise and needs its model name; the embedded server (a stand-in
+    here: starting it is test_generate's job) gets upstream's completions, announced with its pid."""
+    from contextlib import contextmanager
+
+    from alpaca_nb import selfinstruct
+    from alpaca_nb.profiles import load_profile
+
+    with selfinstruct.open_teacher("http://api.example/v1", "gpt-4o-mini") as remote:
+        assert (remote.base_url, remote.model, remote.api) == ("http://api.example/v1", "gpt-4o-mini", "chat")
+    with selfinstruct.open_teacher("http://vllm.example/v1", "llama", api="completions") as vllm:
+        assert vllm.api == "completions"
+    with pytest.raises(ValueError, match="needs its model name"):
+        with selfinstruct.open_teacher("http://api.example/v1", None):
+            pass
+
+    @contextmanager
+    def fake_server():
+        yield SimpleNamespace(base_url="http://127.0.0.1:9/v1", model="local", pid=123)
+
+    monkeypatch.setattr(selfinstruct, "local_server", fake_server)
+    lines = []
+    with selfinstruct.open_teacher(None, None, announce=lines.append) as local:
+        assert (local.base_url, local.model, local.api) == ("http://127.0.0.1:9/v1", "local", "completions")
+    assert lines == ["started the embedded llama.cpp server at http://127.0.0.1:9/v1 (pid 123)"]
+    with selfinstruct.teacher_endpoint(load_profile("laptop")) as laptop_teacher:
+        assert laptop_teacher.api == "completions" and laptop_teacher.model == "local"
+    with selfinstruct.teacher_endpoint(load_profile("cluster")) as cluster_teacher:
+        assert (cluster_teacher.model, cluster_teacher.api) == ("gpt-4o-mini", "chat")
