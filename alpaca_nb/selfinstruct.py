@@ -683,9 +683,14 @@ def run_book_generation(profile: Any, teacher: Endpoint) -> BookGeneration:
     shutil.rmtree(root, ignore_errors=True)  # every build measures afresh
     live = live_funnel(profile)
     started = time.perf_counter()
-    generate(teacher, profile.generate_instructions, book_main_run(profile), budget_usd=profile.generate_budget_usd,
-             concurrency=profile.generate_concurrency, sampling=live.sampling, constraint=live.constraint,
-             max_requests=profile.generate_max_requests, progress=False)
+    report = generate(teacher, profile.generate_instructions, book_main_run(profile),
+                      budget_usd=profile.generate_budget_usd, concurrency=profile.generate_concurrency,
+                      sampling=live.sampling, constraint=live.constraint, max_requests=profile.generate_max_requests,
+                      progress=False)
+    if report.requests < profile.generate_compare_requests:  # the target came sooner: ask the comparison's prompts
+        generate(teacher, 10**9, book_main_run(profile), budget_usd=profile.generate_budget_usd,
+                 concurrency=profile.generate_concurrency, sampling=live.sampling, constraint=live.constraint,
+                 max_requests=profile.generate_compare_requests, progress=False)
     live_seconds = time.perf_counter() - started
     copy_first_requests(book_main_run(profile), root / live.folder, profile.generate_compare_requests)
 

@@ -408,3 +408,34 @@ def test_one_teacher_wiring_chooses_the_api_by_where_the_teacher_is(monkeypatch)
         assert laptop_teacher.api == "completions" and laptop_teacher.model == "local"
     with selfinstruct.teacher_endpoint(load_profile("cluster")) as cluster_teacher:
         assert (cluster_teacher.model, cluster_teacher.api) == ("gpt-4o-mini", "chat")
+
+
+def test_chapter_2_runs_the_live_run_first_and_the_other_funnels_on_its_first_prompts(tmp_path, monkeypatch):
+    """The order and sizes of chapter 2's runs, with generate replaced by a recorder that writes what a run
+    would (the real loop is tested against llama-server in test_generate): a live run that meets its target in
+    one request is topped up to the comparison's prompts, and its first requests become the third funnel."""
+    from alpaca_nb import selfinstruct
+    from alpaca_nb.profiles import load_profile
+
+    monkeypatch.setenv("ALPACA_NB_CACHE_DIR", str(tmp_path))
+    profile = replace(load_profile("laptop"), generate_instructions=1, generate_compare_requests=3)
+    calls = []
+
+    def recording_generate(endpoint, target, out_dir, *, max_requests, **options):
+        done = len(selfinstruct.read_requests(out_dir))
+        count = 1 if target == profile.generate_instructions else max_requests - done  # the target met at once
+        write_run(Path(out_dir), [{"request": request, "request_id": f"{Path(out_dir).name}-{request}",
+                                   "finish_reason": "stop", "completion_tokens": 1, "completion": "",
+                                   "counters": {"blocks": 1, "kept": 1}} for request in range(done, done + count)],
+                  [{"instruction": f"task {request}", "request": request} for request in range(done, done + count)])
+        calls.append((Path(out_dir).name, target, max_requests))
+        return selfinstruct.load_run(out_dir)
+
+    monkeypatch.setattr(selfinstruct, "generate", recording_generate)
+    teacher = SimpleNamespace(copy=lambda: teacher)
+    generation = selfinstruct.run_book_generation(profile, teacher)
+    assert calls[:2] == [("live", 1, profile.generate_max_requests), ("live", 10**9, 3)]
+    assert sorted(calls[2:]) == [("upstream-cooler", 10**9, 3), ("upstream-t1", 10**9, 3)]
+    columns = {folder.name: selfinstruct.load_run(folder).requests for folder in generation.funnels.values()}
+    assert columns == {"upstream-t1": 3, "upstream-cooler": 3, "constrained": 3}
+    assert generation.live_run.name == "live" and generation.live_seconds >= 0 and generation.compare_seconds >= 0
