@@ -13,9 +13,21 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["PAPER_CLAIMS", "SOURCE_URL", "Claim", "claim", "claims_frame"]
+__all__ = [
+    "PAPER_CLAIMS", "PAPER_EPOCHS", "PAPER_FINETUNE_GPU", "PAPER_FINETUNE_GPUS", "PAPER_FINETUNE_HOURS",
+    "PAPER_FINETUNE_USD", "PAPER_GENERATION_USD", "PAPER_INSTRUCTIONS", "SOURCE_URL", "Claim", "claim", "claims_frame",
+]
 
 SOURCE_URL = "https://crfm.stanford.edu/2023/03/13/alpaca.html"
+
+# The release's figures as numbers, for the chapters and the report card to set beside ours.
+PAPER_INSTRUCTIONS = 52_002        # the "52K": alpaca_data.json's records (data.ASSETS["alpaca_data"])
+PAPER_GENERATION_USD = 500.0       # "less than $500" for the data
+PAPER_FINETUNE_HOURS = 3.0         # "3 hours ...
+PAPER_FINETUNE_GPUS = 8            # ... on 8 ...
+PAPER_FINETUNE_GPU = "A100-80GB"   # ... 80GB A100s" (prices.toml's name)
+PAPER_FINETUNE_USD = 100.0         # "less than $100 on most cloud compute providers"
+PAPER_EPOCHS = 3                   # stanford_alpaca's train.py command: --num_train_epochs 3
 
 
 @dataclass(frozen=True)

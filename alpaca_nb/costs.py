@@ -1,504 +1,47 @@
-"""Prices, token counts and the spending ledger: what a run costs, call by call.
+"""Chapter 3's stage: what the whole Alpaca recipe costs, and the cost claims' verdicts.
 
-Taught in chapter 2 (book/02_self_instruct.md, the live ledger) and chapter 3 (costs). The price
-table is a dated, sourced data file (prices.toml), never literals in code. The ledger is the one
-JSONL format in the project: the generation engine writes it, the cost chapter reads it.
+Taught in chapter 3 (book/03_costs.md). The two halves live in modules whose names say which: API dollars
+(prices, token counts, the ledger, generation cost) in ``api_costs``; training compute (GPUs, FLOPs, time,
+memory) in ``training_compute``. This module joins them into the recipe's cost and checks the release's
+"< $500" and "3 hours on 8 A100s, < $100" against them, for the chapter and the report card alike. The
+two halves' names are re-exported here, so ``from alpaca_nb.costs import price`` keeps working.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import re
-import shutil
-import threading
-import time
-import tomllib
-from dataclasses import asdict, dataclass
-from functools import lru_cache
-from importlib.resources import files
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import pandas as pd
 
-from alpaca_nb.data import DataError, cache_dir, offline
-from alpaca_nb.jsonl import append_records, read_records
-
-if TYPE_CHECKING:
-    from alpaca_nb.llm import CallRecord
+from alpaca_nb.api_costs import (
+    TIKTOKEN_ENCODINGS, BudgetExceeded, GenerationCost, Ledger, LedgerEntry, Price, PriceError, count_tokens,
+    generation_cost, generation_cost_table, install_tiktoken_encodings, known_models, plot_generation_cost, price,
+    tiktoken_cache, tiktoken_encoding,
+)
+from alpaca_nb.claims import (
+    PAPER_EPOCHS, PAPER_FINETUNE_GPU, PAPER_FINETUNE_GPUS, PAPER_FINETUNE_HOURS, PAPER_FINETUNE_USD,
+    PAPER_GENERATION_USD, PAPER_INSTRUCTIONS,
+)
+from alpaca_nb.training_compute import (
+    GPU, LLAMA_7B, FlopEstimate, MemoryBreakdown, ModelShape, TokenCounts, TrainingEstimate, finetune_flops, gpu,
+    implied_mfu, lora_flops, lora_training_memory, measure_matmul_tflops, sft_token_counts, training_memory,
+    training_time,
+)
 
 __all__ = [
-    "GPU", "LLAMA_7B", "MemoryBreakdown", "ModelShape", "training_memory", "lora_training_memory", "RecipeCost", "recipe_cost", "BudgetExceeded", "FlopEstimate", "GenerationCost", "generation_cost", "generation_cost_table",
-    "plot_generation_cost", "Ledger", "LedgerEntry", "Price", "PriceError", "TokenCounts",
-    "TrainingEstimate", "count_tokens", "finetune_flops", "gpu", "implied_mfu", "install_tiktoken_encodings", "known_models", "tiktoken_encoding", "lora_flops",
-    "measure_matmul_tflops", "price", "sft_token_counts", "tiktoken_cache", "training_time",
+    # chapter 3's own
+    "CostVerdict", "EpochTokens", "RecipeCost", "alpaca_epoch_tokens", "alpaca_finetune_flops", "break_even_keep_rate",
+    "cost_verdicts", "finetune_scenarios", "max_usd_per_gpu_hour", "paper_finetune_run", "recipe_cost",
+    "verdicts_frame",
+    # api_costs
+    "TIKTOKEN_ENCODINGS", "BudgetExceeded", "GenerationCost", "Ledger", "LedgerEntry", "Price", "PriceError",
+    "count_tokens", "generation_cost", "generation_cost_table", "install_tiktoken_encodings", "known_models",
+    "plot_generation_cost", "price", "tiktoken_cache", "tiktoken_encoding",
+    # training_compute
+    "GPU", "LLAMA_7B", "FlopEstimate", "MemoryBreakdown", "ModelShape", "TokenCounts", "TrainingEstimate",
+    "finetune_flops", "gpu", "implied_mfu", "lora_flops", "lora_training_memory", "measure_matmul_tflops",
+    "sft_token_counts", "training_memory", "training_time",
 ]
-
-
-class PriceError(KeyError):
-    """No price is known for a model; the message lists the models that have one."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
-
-
-class BudgetExceeded(RuntimeError):
-    """A request was refused because its worst-case cost could push spending over the budget."""
-
-
-@dataclass(frozen=True)
-class Price:
-    model: str
-    input_per_1m: float
-    output_per_1m: float
-    batch_discount: float
-    as_of: str
-    source: str
-    encoding: str
-
-    def cost(self, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> float:
-        """Return the dollars for these token counts (with the batch discount when ``batch``)."""
-        dollars = (prompt_tokens * self.input_per_1m + completion_tokens * self.output_per_1m) / 1e6
-        return dollars * (1.0 - self.batch_discount) if batch else dollars
-
-
-@lru_cache(maxsize=1)
-def _price_table() -> dict[str, Price]:
-    table = tomllib.loads(files("alpaca_nb").joinpath("prices.toml").read_text(encoding="utf-8"))
-    return {name: Price(model=name, **row) for name, row in table["models"].items()}
-
-
-def known_models() -> list[str]:
-    """Return the model names that have a price."""
-    return sorted(_price_table())
-
-
-def _canonical(model: str) -> str:
-    # Dated snapshots ("gpt-4o-mini-2024-07-18") and provider prefixes ("openai/gpt-4.1") price as their family.
-    name = model.strip().lower().rsplit("/", 1)[-1]
-    return re.sub(r"-\d{4}-\d{2}-\d{2}$", "", name)
-
-
-def price(model: str) -> Price:
-    """Return the dated, sourced price of ``model``; PriceError (listing known models) if none is known."""
-    table = _price_table()
-    name = _canonical(model)
-    if name not in table:
-        raise PriceError(f"no price known for model {model!r}; known models: {', '.join(known_models())}. "
-                         "Add it to alpaca_nb/prices.toml with its date and source.")
-    return table[name]
-
-
-TIKTOKEN_ENCODINGS = ("r50k_base", "p50k_base", "cl100k_base", "o200k_base")
-# tiktoken caches each encoding under the sha1 of the URL it would download it from.
-_TIKTOKEN_URL = "https://openaipublic.blob.core.windows.net/encodings/{name}.tiktoken"
-
-
-def _tiktoken_key(name: str) -> str:
-    return hashlib.sha1(_TIKTOKEN_URL.format(name=name).encode()).hexdigest()
-
-
-def tiktoken_cache() -> Path:
-    """Return the folder tiktoken reads its encodings from: ``$TIKTOKEN_CACHE_DIR``, else ``<user cache>/tiktoken``."""
-    return Path(os.environ.get("TIKTOKEN_CACHE_DIR") or cache_dir() / "tiktoken")
-
-
-def install_tiktoken_encodings(source: str | os.PathLike) -> list[str]:
-    """Copy ``NAME.tiktoken`` files from ``source`` into :func:`tiktoken_cache`; return the names installed.
-
-    ``alpaca-nb prepare --tiktoken-from DIR`` runs it, so that token counting works offline in any
-    shell afterwards, with no variable to export.
-    """
-    target = tiktoken_cache()
-    target.mkdir(parents=True, exist_ok=True)
-    installed = []
-    for name in TIKTOKEN_ENCODINGS:
-        origin = Path(source) / f"{name}.tiktoken"
-        if origin.is_file():
-            shutil.copyfile(origin, target / _tiktoken_key(name))  # a copy: tiktoken deletes a cache file it finds corrupt
-            installed.append(name)
-    return installed
-
-
-@lru_cache(maxsize=8)
-def tiktoken_encoding(name: str):
-    """Return tiktoken's encoding ``name``, from :func:`tiktoken_cache` (downloaded there when online)."""
-    import tiktoken
-
-    # tiktoken reads the variable at each load; unset, it would look in a temporary folder and then download.
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(tiktoken_cache()))
-    if offline() and not (tiktoken_cache() / _tiktoken_key(name)).is_file():
-        raise DataError(f"tiktoken encoding {name!r} is not in {tiktoken_cache()} and ALPACA_NB_OFFLINE forbids "
-                        "downloading it; run `alpaca-nb prepare --tiktoken-from DIR` with a folder of NAME.tiktoken files")
-    try:
-        return tiktoken.get_encoding(name)
-    except OSError as error:  # requests' errors are OSErrors: offline, or the download failed
-        raise DataError(f"tiktoken encoding {name!r} is neither in {tiktoken_cache()} nor downloadable "
-                        f"({type(error).__name__}); run `alpaca-nb prepare --tiktoken-from DIR` with a folder of "
-                        "NAME.tiktoken files, or once with internet access") from None
-
-
-@lru_cache(maxsize=4)
-def _hf_tokenizer(model: str):
-    from alpaca_nb.models import load_tokenizer
-
-    return load_tokenizer(None if _canonical(model) == "smollm2-135m-instruct" else model)  # None = embedded
-
-
-def count_tokens(text: str, model: str) -> int:
-    """Return the number of tokens ``text`` takes for ``model``.
-
-    OpenAI models use their tiktoken encoding (p50k_base for text-davinci-003, o200k_base for the
-    gpt-4o and gpt-4.1 families); other models use their own Hugging Face tokenizer.
-    """
-    encoding = ""
-    try:
-        encoding = price(model).encoding
-    except PriceError:
-        pass
-    if encoding:
-        return len(tiktoken_encoding(encoding).encode(text, disallowed_special=()))
-    from tiktoken.model import encoding_name_for_model
-
-    try:
-        encoding = encoding_name_for_model(model)
-    except KeyError:
-        return len(_hf_tokenizer(model)(text, add_special_tokens=False)["input_ids"])
-    return len(tiktoken_encoding(encoding).encode(text, disallowed_special=()))
-
-
-# --------------------------------------------------------------------------- ledger
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One API call attempt as one JSON line of ledger.jsonl."""
-
-    time: float
-    stage: str
-    model: str
-    api: str
-    outcome: str  # "ok" | "retry" | "error"
-    status: int | None
-    error: str
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
-    latency_s: float
-    request_id: str
-    attempt: int
-
-
-class Ledger:
-    """Append-only JSONL record of every call, with sums and a budget guard.
-
-    Each entry is written as one whole line and flushed, so a killed process leaves a parseable
-    file; a torn last line from such a kill is ignored (and repaired) when the ledger is reopened.
-    """
-
-    def __init__(self, path: str | os.PathLike, budget_usd: float | None = None, batch: bool = False,
-                 price_as: str | None = None):
-        """Open (or create) the ledger at ``path``; ``price_as`` prices every call as that model
-        (for a self-hosted server whose model has no entry in the price table)."""
-        self.path = Path(path)
-        self.budget_usd = budget_usd
-        self.batch = batch
-        self.price_as = price_as
-        self.entries: list[LedgerEntry] = _read_entries(self.path)
-        self._reserved_usd = 0.0
-        self._lock = threading.Lock()
-
-    # ---- writing
-    def append(self, entry: LedgerEntry) -> LedgerEntry:
-        """Write ``entry`` as one flushed line and keep it in memory."""
-        with self._lock:
-            append_records(self.path, [asdict(entry)])
-            self.entries.append(entry)
-        return entry
-
-    def record(self, call: CallRecord, stage: str) -> LedgerEntry:
-        """Price an endpoint's call record and append it; returns the entry."""
-        cost = self.price_of(call.model).cost(call.prompt_tokens, call.completion_tokens, batch=self.batch)
-        return self.append(LedgerEntry(
-            time=time.time(), stage=stage, model=call.model, api=call.api, outcome=call.outcome, status=call.status,
-            error=call.error, prompt_tokens=call.prompt_tokens, completion_tokens=call.completion_tokens,
-            cost_usd=cost, latency_s=call.latency_s, request_id=call.request_id, attempt=call.attempt,
-        ))
-
-    def price_of(self, model: str) -> Price:
-        """Return the price used for ``model``'s calls (``price_as`` when set); PriceError if unknown."""
-        return price(self.price_as or model)
-
-    # ---- budget
-    def worst_case_usd(self, model: str, prompt_tokens: int, max_completion_tokens: int) -> float:
-        """Return the most a request could cost: its prompt plus ``max_completion_tokens`` of output."""
-        return self.price_of(model).cost(prompt_tokens, max_completion_tokens, batch=self.batch)
-
-    def would_exceed(self, model: str, prompt_tokens: int, max_completion_tokens: int) -> bool:
-        """Return True if a request's worst case, on top of spending and in-flight reservations, passes the budget."""
-        if self.budget_usd is None:
-            return False
-        worst = self.worst_case_usd(model, prompt_tokens, max_completion_tokens)
-        return self.total_usd + self._reserved_usd + worst > self.budget_usd
-
-    def reserve(self, model: str, prompt_tokens: int, max_completion_tokens: int) -> float:
-        """Reserve a request's worst case before it starts; raises BudgetExceeded if it might not fit."""
-        with self._lock:
-            if self.would_exceed(model, prompt_tokens, max_completion_tokens):
-                raise BudgetExceeded(
-                    f"budget ${self.budget_usd:.4f}: spent ${self.total_usd:.4f}, in flight ${self._reserved_usd:.4f}; "
-                    f"the next request could cost up to ${self.worst_case_usd(model, prompt_tokens, max_completion_tokens):.4f}")
-            reservation = self.worst_case_usd(model, prompt_tokens, max_completion_tokens)
-            self._reserved_usd += reservation
-            return reservation
-
-    def release(self, reservation: float) -> None:
-        """Give back a reservation once its request has been recorded."""
-        with self._lock:
-            self._reserved_usd = max(0.0, self._reserved_usd - reservation)
-
-    def repriced_usd(self, model: str, batch: bool = False) -> float:
-        """Return what the recorded tokens would have cost at ``model``'s prices."""
-        rates = price(model)
-        return sum(rates.cost(entry.prompt_tokens, entry.completion_tokens, batch=batch) for entry in self.entries)
-
-    # ---- sums
-    @property
-    def total_usd(self) -> float:
-        return sum(entry.cost_usd for entry in self.entries)
-
-    @property
-    def total_tokens(self) -> int:
-        """Return the prompt plus completion tokens of every recorded attempt."""
-        return sum(entry.prompt_tokens + entry.completion_tokens for entry in self.entries)
-
-    def frame(self) -> pd.DataFrame:
-        """Return every entry as a row."""
-        return pd.DataFrame([asdict(entry) for entry in self.entries], columns=list(LedgerEntry.__dataclass_fields__))
-
-    def summary(self, by: str = "model") -> pd.DataFrame:
-        """Return calls, retries, errors, tokens, dollars and mean latency grouped ``by`` model or stage."""
-        frame = self.frame()
-        grouped = frame.groupby(by)
-        return pd.DataFrame({
-            "calls": grouped.size(),
-            "ok": grouped["outcome"].apply(lambda s: int((s == "ok").sum())),
-            "retries": grouped["outcome"].apply(lambda s: int((s == "retry").sum())),
-            "errors": grouped["outcome"].apply(lambda s: int((s == "error").sum())),
-            "prompt_tokens": grouped["prompt_tokens"].sum(),
-            "completion_tokens": grouped["completion_tokens"].sum(),
-            "cost_usd": grouped["cost_usd"].sum(),
-            "mean_latency_s": grouped["latency_s"].mean(),
-        })
-
-
-def _read_entries(path: Path) -> list[LedgerEntry]:
-    """Return the entries of an existing ledger (a torn last line from a kill is dropped)."""
-    entries = []
-    for number, record in read_records(path):
-        try:
-            entries.append(LedgerEntry(**record))
-        except TypeError as error:
-            raise ValueError(f"{path}, line {number}: not a ledger entry ({error})") from None
-    return entries
-
-
-# --------------------------------------------------------------------------- training cost model (chapter 3)
-
-
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    usd_per_hour: float
-    peak_bf16_tflops: float
-    memory_gb: int
-    as_of: str
-    source: str
-
-
-@lru_cache(maxsize=1)
-def _gpu_table() -> dict[str, GPU]:
-    table = tomllib.loads(files("alpaca_nb").joinpath("prices.toml").read_text(encoding="utf-8"))
-    return {name: GPU(name=name, **row) for name, row in table["gpus"].items()}
-
-
-def gpu(name: str) -> GPU:
-    """Return the dated rental price and bf16 peak of a GPU; PriceError listing the known GPUs if unknown."""
-    table = _gpu_table()
-    if name not in table:
-        raise PriceError(f"no price known for GPU {name!r}; known GPUs: {', '.join(sorted(table))}")
-    return table[name]
-
-
-@dataclass(frozen=True)
-class FlopEstimate:
-    dense: float      # 6 * N * D: forward (2N) and backward (4N) per token
-    attention: float  # 6 * layers * context * d_model * D: the score and value products, shown apart
-    epochs: int
-
-    @property
-    def total(self) -> float:
-        return self.dense + self.attention
-
-
-def finetune_flops(n_params: float, n_tokens: float, epochs: int = 1, *, n_layers: int = 0, d_model: int = 0,
-                   context: float = 0.0) -> FlopEstimate:
-    """Return the training FLOPs of a full fine-tune: 6·N·D, plus the attention term when its shape is given.
-
-    ``context`` is the mean attended length per token's sequence (Kaplan et al. 2020, table 1: forward
-    2N + 2·n_layer·n_ctx·d per token; training is three forward passes' worth).
-    """
-    tokens = n_tokens * epochs
-    return FlopEstimate(dense=6.0 * n_params * tokens, attention=6.0 * n_layers * context * d_model * tokens, epochs=epochs)
-
-
-def lora_flops(full: FlopEstimate) -> FlopEstimate:
-    """Return LoRA's FLOPs for the same run: no weight gradients for the frozen base, so 4N instead of 6N per token
-    (the adapters' own few million parameters are negligible)."""
-    return FlopEstimate(dense=full.dense * 4 / 6, attention=full.attention, epochs=full.epochs)
-
-
-@dataclass(frozen=True)
-class TrainingEstimate:
-    gpu: str
-    n_gpus: int
-    mfu: float
-    wall_hours: float
-    gpu_hours: float
-    cost_usd: float
-
-
-def training_time(flops: float, gpu_name: str, n_gpus: int = 1, mfu: float = 0.4) -> TrainingEstimate:
-    """Return wall time, GPU-hours and rental cost of ``flops`` at a model-FLOPs utilisation ``mfu``."""
-    if not 0 < mfu <= 1:
-        raise ValueError(f"mfu={mfu}: must be in (0, 1]")
-    device = gpu(gpu_name)
-    wall_hours = flops / (n_gpus * device.peak_bf16_tflops * 1e12 * mfu) / 3600
-    return TrainingEstimate(gpu_name, n_gpus, mfu, wall_hours, wall_hours * n_gpus, wall_hours * n_gpus * device.usd_per_hour)
-
-
-def implied_mfu(flops: float, gpu_name: str, n_gpus: int, wall_hours: float) -> float:
-    """Return the model-FLOPs utilisation that a reported wall time implies (the inverse of training_time)."""
-    return flops / (n_gpus * gpu(gpu_name).peak_bf16_tflops * 1e12 * wall_hours * 3600)
-
-
-@dataclass(frozen=True)
-class TokenCounts:
-    examples: int
-    tokens: int         # real tokens, each example truncated to max_length as upstream
-    padded_tokens: int  # what the upstream trainer computes on: micro-batches padded to their longest example
-    truncated: int      # examples longer than max_length
-
-    @property
-    def padding_waste(self) -> float:
-        return 1.0 - self.tokens / self.padded_tokens if self.padded_tokens else 0.0
-
-
-def sft_token_counts(records, tokenizer, max_length: int = 512, micro_batch: int = 4, seed: int = 0) -> TokenCounts:
-    """Return the tokens of the Alpaca-formatted records, with and without upstream-style padding.
-
-    Upstream samples micro-batches in random order and pads each to its longest example; the same
-    is simulated here with a seeded shuffle.
-    """
-    from alpaca_nb.sft import format_example, padded_tokens, random_batches
-
-    lengths = []
-    for record in records:
-        prompt, target = format_example(record, tokenizer.eos_token or "")
-        lengths.append(len(tokenizer(prompt + target, add_special_tokens=True)["input_ids"]))
-    truncated = sum(length > max_length for length in lengths)
-    lengths = [min(length, max_length) for length in lengths]
-    padded = padded_tokens(random_batches(len(lengths), micro_batch, seed=seed), lengths)
-    return TokenCounts(len(lengths), sum(lengths), padded, truncated)
-
-
-def measure_matmul_tflops(size: int = 1024, repeats: int = 20, dtype: str = "float32") -> float:
-    """Return this machine's measured dense matmul rate in TFLOP/s (torch, best of ``repeats``)."""
-    import torch
-
-    a = torch.randn(size, size, dtype=getattr(torch, dtype))
-    b = torch.randn(size, size, dtype=getattr(torch, dtype))
-    best = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - started)
-    return 2 * size**3 / best / 1e12
-
-
-# --------------------------------------------------------------------------- generation cost model (chapter 3)
-
-
-@dataclass(frozen=True)
-class GenerationCost:
-    model: str
-    batch: bool
-    keep_rate: float      # kept instructions per generated task
-    requests: float
-    cost_usd: float
-
-
-def generation_cost(n_instructions: int, keep_rate: float, prompt_tokens: float, completion_tokens: float,
-                    tasks_per_completion: int, model: str, batch: bool = False) -> GenerationCost:
-    """Return the requests and dollars needed to keep ``n_instructions`` at a given keep rate.
-
-    Each request yields ``tasks_per_completion`` generated tasks, of which ``keep_rate`` survive
-    parsing, filters and de-duplication.
-    """
-    if not 0 < keep_rate <= 1:
-        raise ValueError(f"keep_rate={keep_rate}: must be in (0, 1]")
-    requests = n_instructions / (tasks_per_completion * keep_rate)
-    per_request = price(model).cost(prompt_tokens, completion_tokens, batch=batch)
-    return GenerationCost(model, batch, keep_rate, requests, requests * per_request)
-
-
-def generation_cost_table(n_instructions: int, keep_rates, prompt_tokens: float, completion_tokens: float,
-                          tasks_per_completion: int, models) -> pd.DataFrame:
-    """Return dollars for each (model, batch) row and keep-rate column."""
-    rows = {}
-    for model, batch in models:
-        label = f"{model} ({price(model).as_of}{', batch API' if batch else ''})"
-        rows[label] = {f"keep {rate:.0%}": generation_cost(n_instructions, rate, prompt_tokens, completion_tokens,
-                                                            tasks_per_completion, model, batch).cost_usd
-                       for rate in keep_rates}
-    return pd.DataFrame(rows).T
-
-
-def plot_generation_cost(n_instructions: int, prompt_tokens: float, completion_tokens: float, tasks_per_completion: int,
-                         models, claimed_usd: float = 500.0, marks: dict[str, float] | None = None):
-    """Return a log-scale plot of generation dollars against keep rate, one line per model, the claim as a line."""
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    rates = np.linspace(0.02, 1.0, 99)
-    figure, axis = plt.subplots(figsize=(8, 4), constrained_layout=True)
-    for model, batch in models:
-        dollars = [generation_cost(n_instructions, rate, prompt_tokens, completion_tokens, tasks_per_completion, model,
-                                   batch).cost_usd for rate in rates]
-        axis.plot(rates, dollars, label=f"{model}{' (batch)' if batch else ''}, {price(model).as_of} prices")
-    axis.axhline(claimed_usd, color="black", linestyle="--", label=f"the paper: < ${claimed_usd:,.0f}")
-    for label, rate in (marks or {}).items():
-        axis.axvline(rate, color="grey", linestyle=":")
-        axis.annotate(label, (rate, claimed_usd), rotation=90, va="bottom", ha="right", fontsize=8)
-    axis.set_yscale("log")
-    axis.set_xlabel("keep rate (kept instructions per generated task)")
-    axis.set_ylabel(f"dollars for {n_instructions:,} kept")
-    axis.set_title(f"Generation cost of {n_instructions:,} kept instructions against the keep rate")
-    axis.legend(fontsize=8, loc="upper right")  # the curves fall to the right: the corner stays clear of them
-    return figure
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    name: str
-    n_params: float
-    n_layers: int
-    d_model: int
-
-
-# Touvron et al. 2023, LLaMA table 2: 6.7B parameters, 32 layers, dimension 4096.
-LLAMA_7B = ModelShape("LLaMA-7B", 6.74e9, 32, 4096)
 
 
 @dataclass(frozen=True)
@@ -523,39 +66,106 @@ def recipe_cost(*, keep_rate: float, model: str, batch: bool, gpu_name: str, n_g
     return RecipeCost(generation, training_time(flops.total, gpu_name, n_gpus, mfu), flops)
 
 
-@dataclass(frozen=True)
-class MemoryBreakdown:
-    """Bytes per GPU for a full fine-tune with AdamW in mixed precision (float32 master weights)."""
 
-    weights: float
-    gradients: float
-    optimizer: float
-    activations: float
+
+# --------------------------------------------------------------------------- the fine-tune of the paper
+
+
+@dataclass(frozen=True)
+class EpochTokens:
+    """One epoch over Alpaca's records, from token counts on some of them (scaled up when fewer were counted)."""
+
+    tokens: float
+    padded_tokens: float  # what upstream's trainer computes on
+    context: float        # mean padded tokens per example: the length the attention term grows with
+    scale: float          # records of the full data per record counted (1: counted on all of it)
 
     @property
-    def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations
+    def extrapolated(self) -> bool:
+        return self.scale > 1
 
 
-def training_memory(n_params: float, n_gpus: int = 1, sharded: bool = False, *, micro_batch: int = 4,
-                    seq_len: int = 512, n_layers: int = 32, d_model: int = 4096) -> MemoryBreakdown:
-    """Return per-GPU memory for a full fine-tune: float32 weights (4 B/param), gradients (4 B), Adam's two moments
-    (8 B) — divided by ``n_gpus`` when ``sharded`` (FSDP full shard / ZeRO-3) — plus activations.
-
-    Activations use the rough 34·s·b·h bytes per layer of Korthikanti et al. (2022) for bf16 without
-    recomputation (attention scores omitted: flash/SDPA attention does not keep them).
-    """
-    share = n_gpus if sharded else 1
-    activations = 34 * seq_len * micro_batch * d_model * n_layers
-    return MemoryBreakdown(4 * n_params / share, 4 * n_params / share, 8 * n_params / share, activations)
+def alpaca_epoch_tokens(counts: TokenCounts, n_records: int = PAPER_INSTRUCTIONS) -> EpochTokens:
+    """Return one epoch's tokens over ``n_records`` from ``counts`` on a sample of them (its mean, scaled)."""
+    if counts.examples == 0:
+        raise ValueError("no records were counted: cannot extrapolate to the whole data")
+    scale = n_records / counts.examples
+    return EpochTokens(counts.tokens * scale, counts.padded_tokens * scale, counts.padded_tokens / counts.examples,
+                       scale)
 
 
-def lora_training_memory(n_params: float, trainable_params: float, *, micro_batch: int = 4, seq_len: int = 512,
-                         n_layers: int = 32, d_model: int = 4096) -> MemoryBreakdown:
-    """Return one GPU's memory for LoRA: frozen weights in bf16 (2 B/param), the adapters in float32 with their
-    gradients and Adam moments (16 B per trainable parameter), and the same activations as ``training_memory``.
+def alpaca_finetune_flops(epoch: EpochTokens, shape: ModelShape = LLAMA_7B, epochs: int = PAPER_EPOCHS) -> FlopEstimate:
+    """Return the FLOPs of upstream's full fine-tune of ``shape`` on ``epoch``'s padded tokens, attention included."""
+    return finetune_flops(shape.n_params, epoch.padded_tokens, epochs, n_layers=shape.n_layers, d_model=shape.d_model,
+                          context=epoch.context)
 
-    Chapters 3 and 4 and the cluster appendix quote this one answer for "does a 7B LoRA fit on a 24 GB GPU".
-    """
-    activations = 34 * seq_len * micro_batch * d_model * n_layers
-    return MemoryBreakdown(2 * n_params + 4 * trainable_params, 4 * trainable_params, 8 * trainable_params, activations)
+
+def paper_finetune_run(flops: FlopEstimate) -> TrainingEstimate:
+    """Return the paper's run as reported (8 A100s for 3 hours) at the utilisation those hours imply."""
+    mfu = implied_mfu(flops.total, PAPER_FINETUNE_GPU, PAPER_FINETUNE_GPUS, PAPER_FINETUNE_HOURS)
+    return training_time(flops.total, PAPER_FINETUNE_GPU, PAPER_FINETUNE_GPUS, mfu)
+
+
+def finetune_scenarios(flops: FlopEstimate, mfu: float = 0.4) -> dict[str, TrainingEstimate]:
+    """Return the same fine-tune as the paper ran it and on other hardware at ``mfu``, full and LoRA."""
+    lora = lora_flops(flops).total
+    return {
+        f"the paper: {PAPER_FINETUNE_GPUS} x A100, {PAPER_FINETUNE_HOURS:g} h (as reported)": paper_finetune_run(flops),
+        f"{PAPER_FINETUNE_GPUS} x A100 at {mfu:.0%} MFU": training_time(flops.total, PAPER_FINETUNE_GPU,
+                                                                       PAPER_FINETUNE_GPUS, mfu),
+        f"1 x H100 at {mfu:.0%} MFU": training_time(flops.total, "H100-80GB", 1, mfu),
+        f"LoRA, 1 x H100 at {mfu:.0%} MFU": training_time(lora, "H100-80GB", 1, mfu),
+        f"LoRA, 1 x RTX 4090 at {mfu:.0%} MFU": training_time(lora, "RTX-4090", 1, mfu),
+    }
+
+
+def max_usd_per_gpu_hour() -> float:
+    """Return the highest GPU-hour price at which the paper's run stays under its "< $100"."""
+    return PAPER_FINETUNE_USD / (PAPER_FINETUNE_GPUS * PAPER_FINETUNE_HOURS)
+
+
+def break_even_keep_rate(at_full_keep: GenerationCost, claimed_usd: float = PAPER_GENERATION_USD) -> float:
+    """Return the keep rate above which generating the data costs less than ``claimed_usd`` (cost scales as 1/rate)."""
+    if at_full_keep.keep_rate != 1.0:
+        raise ValueError(f"keep_rate={at_full_keep.keep_rate}: pass the cost at a keep rate of 1")
+    return at_full_keep.cost_usd / claimed_usd
+
+
+# --------------------------------------------------------------------------- verdicts
+
+
+@dataclass(frozen=True)
+class CostVerdict:
+    claim: str
+    we_compute: str
+    why_they_differ: str
+
+
+def cost_verdicts(at_full_keep: GenerationCost, flops: FlopEstimate, tokens_extrapolated: bool) -> list[CostVerdict]:
+    """Return the release's three cost claims beside what the measured tokens, prices and FLOPs give."""
+    limit = training_time(flops.total, PAPER_FINETUNE_GPU, PAPER_FINETUNE_GPUS, mfu=1.0)
+    paper_run = paper_finetune_run(flops)
+    gpu_hours = PAPER_FINETUNE_GPUS * PAPER_FINETUNE_HOURS
+    return [
+        CostVerdict(
+            f"generation < ${PAPER_GENERATION_USD:,.0f} ({at_full_keep.model}, 2023)",
+            f"${at_full_keep.cost_usd:,.0f} at 100 % keep, ${PAPER_GENERATION_USD:,.0f} at "
+            f"{break_even_keep_rate(at_full_keep):.0%} keep",
+            "the paper gives no keep rate; ours depends on it and on measured tokens per request"),
+        CostVerdict(
+            f"fine-tuning {PAPER_FINETUNE_HOURS:g} h on {PAPER_FINETUNE_GPUS} x A100",
+            f"{limit.wall_hours * 60:.0f} min at 100 % of peak; {PAPER_FINETUNE_HOURS:g} h means {paper_run.mfu:.1%} MFU",
+            "upstream FSDP on 7B with batch 4 per GPU is far from peak; our tokens are "
+            + ("extrapolated from a sample with another tokenizer" if tokens_extrapolated else "measured")),
+        CostVerdict(
+            f"fine-tuning < ${PAPER_FINETUNE_USD:,.0f}",
+            f"${paper_run.cost_usd:,.2f} for {gpu_hours:g} A100-hours at {gpu(PAPER_FINETUNE_GPU).as_of} prices",
+            f"today's on-demand list price; the paper's ${PAPER_FINETUNE_USD:,.0f} for {gpu_hours:g} A100-hours needs "
+            f"at most ${max_usd_per_gpu_hour():.2f} per hour"),
+    ]
+
+
+def verdicts_frame(verdicts: list[CostVerdict]) -> pd.DataFrame:
+    """Return the verdicts as the chapter's table: claim, what we compute, why they differ."""
+    return pd.DataFrame([{"claim": v.claim, "we compute": v.we_compute, "why they differ": v.why_they_differ}
+                         for v in verdicts])

@@ -225,3 +225,58 @@ def test_lora_memory_is_bf16_frozen_weights_plus_float32_adapters_and_activation
     assert lora.weights == 2 * LLAMA_7B.n_params + 4 * 4.2e6 and lora.optimizer == 8 * 4.2e6
     assert lora.activations == full.activations
     assert 20 < lora.total / 2**30 < 24 < full.total / 2**30  # the appendix's "about 23 GB": only just on 24 GB
+
+
+def test_costs_keeps_every_public_name_of_its_two_halves():
+    import alpaca_nb.api_costs as api_costs
+    import alpaca_nb.costs as costs
+    import alpaca_nb.training_compute as training_compute
+
+    halves = (set(api_costs.__all__) - {"price_file"}) | set(training_compute.__all__)
+    assert halves <= set(costs.__all__)
+    assert all(getattr(costs, name) is getattr(api_costs if name in api_costs.__all__ else training_compute, name)
+               for name in halves)
+
+
+def test_epoch_tokens_scale_a_sample_to_the_whole_data():
+    from alpaca_nb.costs import TokenCounts, alpaca_epoch_tokens
+
+    epoch = alpaca_epoch_tokens(TokenCounts(examples=100, tokens=15_000, padded_tokens=20_000, truncated=0))
+    assert epoch.scale == pytest.approx(520.02)
+    assert epoch.padded_tokens == pytest.approx(20_000 * 520.02)
+    assert epoch.context == 200 and epoch.extrapolated
+    assert not alpaca_epoch_tokens(TokenCounts(10, 100, 120, 0), n_records=10).extrapolated
+    with pytest.raises(ValueError, match="no records"):
+        alpaca_epoch_tokens(TokenCounts(0, 0, 0, 0))
+
+
+def test_the_papers_run_takes_three_hours_on_eight_a100s_and_the_scenarios_share_its_flops():
+    from alpaca_nb.costs import FlopEstimate, finetune_scenarios, paper_finetune_run
+
+    flops = FlopEstimate(dense=2e19, attention=1e18, epochs=3)
+    paper = paper_finetune_run(flops)
+    assert (paper.n_gpus, paper.gpu, paper.wall_hours) == (8, "A100-80GB", pytest.approx(3.0))
+    scenarios = finetune_scenarios(flops, mfu=0.4)
+    assert list(scenarios.values())[0] == paper
+    lora = scenarios["LoRA, 1 x H100 at 40% MFU"]
+    full = scenarios["1 x H100 at 40% MFU"]
+    assert lora.wall_hours < full.wall_hours  # no weight gradients for the frozen model
+
+
+def test_cost_verdicts_derive_the_break_even_figures_from_the_claims():
+    from alpaca_nb.costs import (
+        FlopEstimate, break_even_keep_rate, cost_verdicts, generation_cost, max_usd_per_gpu_hour, verdicts_frame,
+    )
+
+    at_full_keep = generation_cost(52002, 1.0, 1000, 800, 16, "text-davinci-003")
+    rate = break_even_keep_rate(at_full_keep)
+    assert rate == pytest.approx(at_full_keep.cost_usd / 500)
+    assert generation_cost(52002, rate, 1000, 800, 16, "text-davinci-003").cost_usd == pytest.approx(500)
+    assert max_usd_per_gpu_hour() == pytest.approx(100 / 24)
+    verdicts = cost_verdicts(at_full_keep, FlopEstimate(2e19, 1e18, 3), tokens_extrapolated=True)
+    frame = verdicts_frame(verdicts)
+    assert list(frame.columns) == ["claim", "we compute", "why they differ"] and len(frame) == 3
+    assert "$4.17 per hour" in verdicts[2].why_they_differ
+    assert f"{rate:.0%} keep" in verdicts[0].we_compute and "extrapolated" in verdicts[1].why_they_differ
+    with pytest.raises(ValueError, match="keep rate of 1"):
+        break_even_keep_rate(generation_cost(52002, 0.5, 1000, 800, 16, "text-davinci-003"))
