@@ -99,6 +99,16 @@ def _reply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from alpaca_nb.data import load_alpaca_data
+    from alpaca_nb.export import export_for
+
+    records = load_alpaca_data(asset=args.data) if args.data in ASSETS else load_alpaca_data(args.data)
+    for path in export_for(records, args.to, args.out):
+        print(f"wrote {path}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from alpaca_nb.llm import serve
 
@@ -222,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     reply.add_argument("--temperature", type=float, default=0.0)
     reply.add_argument("--seed", type=int, default=0)
     reply.set_defaults(run=_reply)
+    export = commands.add_parser("export", help="write Alpaca-format data for TRL, LLaMA-Factory or axolotl")
+    export.add_argument("data", help="a Stanford-format JSON file, or an asset name (alpaca_sample, alpaca_data)")
+    export.add_argument("--to", required=True, choices=("stanford", "trl", "llama-factory", "axolotl"),
+                        help="the trainer's format")
+    export.add_argument("--out", required=True, help="folder for the data file and the trainer's config snippet")
+    export.set_defaults(run=_export)
     serve = commands.add_parser("serve", help="run the embedded model behind llama.cpp's llama-server in the foreground")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

@@ -7,6 +7,7 @@ comparisons a real difference would take, and ``alpaca_eval_win_rate`` /
 ``generate_replies`` answers the evaluation instructions (batched, cached on disk); ``blind_pairs``,
 ``record_vote`` and ``rater_agreement`` are the blind human comparison behind chapter 5's widget;
 ``run_evaluation`` / ``read_evaluation`` are ``alpaca-nb evaluate``. The LLM judge is in ``judge``.
+Chapter 4's replies before and after its fine-tune (``greedy_replies``, ``stop_table``) are measured here too.
 """
 
 from __future__ import annotations
@@ -15,14 +16,19 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from alpaca_nb.data import DataError, PairwiseJudgement
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "Agreement",
@@ -30,6 +36,7 @@ __all__ = [
     "BlindPair",
     "EvaluationResults",
     "LengthControlledWinRate",
+    "Reply",
     "SystemReply",
     "Vote",
     "WinRate",
@@ -40,8 +47,11 @@ __all__ = [
     "comparisons_needed",
     "fleiss_kappa",
     "generate_replies",
+    "greedy_completions",
+    "greedy_replies",
     "instruction_text",
     "interval_from_standard_error",
+    "invents_a_section",
     "length_controlled_win_rate",
     "native_template",
     "next_pair",
@@ -51,7 +61,9 @@ __all__ = [
     "read_votes",
     "record_vote",
     "replies_side_by_side",
+    "replies_table",
     "run_evaluation",
+    "stop_table",
     "tally",
     "templated_prompts",
     "wilson_interval",
@@ -193,8 +205,6 @@ def templated_prompts(items: Sequence[Any], template: str, tokenizer: Any) -> li
 
 
 def _model_replies(items, template, model, tokenizer, max_new_tokens, batch_size) -> list[tuple[str, bool | None]]:
-    from alpaca_nb.sft import greedy_completions
-
     prompts = templated_prompts(items, template, tokenizer)
     replies = greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size,
                                  add_special_tokens=template == "alpaca", show_progress=False)
@@ -666,3 +676,111 @@ def read_evaluation(out_dir: str | os.PathLike) -> EvaluationResults:
         return EvaluationResults(**raw)
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise DataError(f"{path}: not an evaluation results file ({type(error).__name__}: {error})") from None
+
+
+# --------------------------------------------------------------------------- replies before and after a fine-tune (chapter 4)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One greedy reply to an Alpaca prompt, and whether the model ended it itself."""
+
+    text: str
+    new_tokens: int  # generated before the end-of-sequence token, or up to the cap
+    stopped: bool  # the model emitted EOS before ``max_new_tokens``; False = cut by the cap
+
+
+def _end_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Return every token id that ends generation: the tokenizer's EOS and the generation config's."""
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+    return ids | {tokenizer.eos_token_id}
+
+
+def greedy_replies(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[Any], max_new_tokens: int = 128,
+    batch_size: int = 8,
+) -> list[Reply]:
+    """Return the model's greedy reply to each record's Alpaca prompt (no chat template: the fine-tuned format)."""
+    from alpaca_nb.sft import format_prompt
+
+    prompts = [format_prompt(record.instruction, record.input) for record in records]
+    return greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)
+
+
+def greedy_completions(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 128,
+    batch_size: int = 8, add_special_tokens: bool = True, show_progress: bool = True,
+) -> list[Reply]:
+    """Return the model's greedy continuation of each prompt, exactly as written (a template already applied).
+
+    Batched with left padding, so every prompt ends where generation starts. A reply counts as stopped when
+    an end id appears among its new tokens; a row that ended early is padded with the pad id afterwards,
+    which is EOS for the embedded model, so the first end id is where the model stopped.
+    """
+    import torch
+
+    from alpaca_nb.progress import progress_bar
+
+    end_ids = _end_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    replies: list[Reply] = []
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        for start in progress_bar(range(0, len(prompts), batch_size), desc="greedy replies", unit="batch",
+                                  disable=not show_progress):
+            batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
+                              add_special_tokens=add_special_tokens).to(model.device)
+            with torch.inference_mode():
+                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
+            for row in output[:, batch["input_ids"].shape[1]:].tolist():
+                end = next((index for index, token in enumerate(row) if token in end_ids), None)
+                kept = row if end is None else row[:end]
+                replies.append(Reply(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept),
+                                     end is not None))
+    finally:
+        tokenizer.padding_side = side
+    return replies
+
+
+def invents_a_section(text: str) -> bool:
+    """Return True when a reply writes a new "### ..." header (an Instruction, Response or Explanation of its own)."""
+    return re.search(r"^\s*###", text, flags=re.MULTILINE) is not None
+
+
+def stop_table(replies: dict[str, Sequence[Reply]], max_new_tokens: int) -> "pd.DataFrame":
+    """Return one row per model: how many replies ended with EOS before the cap, why the others ran on (a loop
+    or not), how many invented a ``###`` section, and how long the replies ran."""
+    import pandas as pd
+
+    from alpaca_nb.sft import repeats_itself
+
+    rows = {}
+    for name, model_replies in replies.items():
+        stopped = sum(reply.stopped for reply in model_replies)
+        cut = [reply for reply in model_replies if not reply.stopped]
+        lengths = sorted(reply.new_tokens for reply in model_replies)
+        rows[name] = {"replies": len(model_replies), "ended with EOS": stopped,
+                      f"cut at {max_new_tokens} tokens": len(cut),
+                      "of which looping": sum(repeats_itself(reply.text) for reply in cut),
+                      "with an invented ### section": sum(invents_a_section(reply.text) for reply in model_replies),
+                      "stop rate": stopped / len(model_replies) if model_replies else None,
+                      "median tokens": lengths[len(lengths) // 2] if lengths else None}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def replies_table(
+    records: Sequence[Any], replies: dict[str, Sequence[Reply]], reference_name: str = "reference output",
+) -> "pd.DataFrame":
+    """Return a table: each record's instruction, input and reference output (a column named whose answer it
+    is, ``reference_name``), then each model's reply, marked where the token cap cut it (chapter 4)."""
+    import pandas as pd
+
+    rows = []
+    for index, record in enumerate(records):
+        row = {"instruction": record.instruction, "input": record.input, reference_name: record.output}
+        for name, model_replies in replies.items():
+            reply = model_replies[index]
+            row[name] = reply.text if reply.stopped else f"{reply.text} [cut at the token cap]"
+        rows.append(row)
+    return pd.DataFrame(rows)

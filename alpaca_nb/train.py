@@ -33,10 +33,8 @@ from alpaca_nb.data import AlpacaRecord, load_alpaca_data
 from alpaca_nb.jsonl import write_text_atomically
 from alpaca_nb.models import load_model, quiet_hf_progress, record_prompt_template
 from alpaca_nb.progress import progress_bar
-from alpaca_nb.sft import (
-    AlpacaCollator, DataMix, SFTReport, build_dataset, enable_packed_attention, ensure_pad_token, export_stanford_json,
-    mix_records, padding_free_collator,
-)
+from alpaca_nb.batching import AlpacaCollator, enable_packed_attention, padding_free_collator
+from alpaca_nb.sft import DataMix, SFTReport, build_dataset, ensure_pad_token, export_stanford_json, mix_records
 
 __all__ = [
     "LOSS_CURVE_FILE", "BookData", "TrainConfig", "TrainConfigError", "TrainResult", "book_training_data",

@@ -1,4 +1,4 @@
-"""Benchmark the three batchings of alpaca_nb.sft on real training steps: padding costs compute, packing saves it.
+"""Benchmark the three batchings of alpaca_nb.batching on real training steps: padding costs compute, packing saves it.
 
 Usage::
 
@@ -84,7 +84,7 @@ def real_examples(args: argparse.Namespace, tokenizer) -> list[dict]:
 
 def batches_for(batching: str, examples: list[dict], args: argparse.Namespace) -> list[list[int]]:
     """Return the index batches of one batching; packed uses upstream's random batches, unpadded."""
-    from alpaca_nb.sft import length_grouped_batches, random_batches
+    from alpaca_nb.batching import length_grouped_batches, random_batches
 
     if batching == "grouped":
         return length_grouped_batches([len(e["input_ids"]) for e in examples], args.batch_size, seed=args.seed)
@@ -102,7 +102,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     import torch
 
     from alpaca_nb.models import load_model
-    from alpaca_nb.sft import AlpacaCollator, enable_packed_attention, padding_free_collator
+    from alpaca_nb.batching import AlpacaCollator, enable_packed_attention, padding_free_collator
     from alpaca_nb.train import bf16_is_fast
 
     torch.manual_seed(args.seed)

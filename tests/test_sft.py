@@ -1,9 +1,10 @@
-"""alpaca_nb.sft on the real Alpaca records and the embedded SmolLM2 tokenizer and model."""
+"""alpaca_nb.sft, .batching, .export and chapter 4's replies (evaluate) on the real Alpaca records and the embedded SmolLM2."""
 
 from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,13 +12,18 @@ import yaml
 
 from alpaca_nb.data import AlpacaRecord, DataError, load_alpaca_data
 from alpaca_nb.models import load_model, load_tokenizer
+from alpaca_nb.batching import (
+    PACKED_ATTENTION, AlpacaCollator, enable_packed_attention, length_grouped_batches, padded_tokens,
+    padding_by_strategy, padding_free_collator, plot_padding, random_batches,
+)
+from alpaca_nb.evaluate import Reply, greedy_replies, invents_a_section, replies_table, stop_table
+from alpaca_nb.export import (
+    axolotl_dataset_block, export_trl_jsonl, from_trl_prompt_completion, import_trl_jsonl, llama_factory_dataset_info,
+    to_trl_prompt_completion,
+)
 from alpaca_nb.sft import (
-    IGNORE_INDEX, PACKED_ATTENTION, PROMPT_INPUT, PROMPT_NO_INPUT, AlpacaCollator, Reply, axolotl_dataset_block,
-    build_dataset, enable_packed_attention, ensure_pad_token, export_stanford_json, export_trl_jsonl, format_example,
-    format_prompt, from_trl_prompt_completion, greedy_replies, import_stanford_json, import_trl_jsonl,
-    invents_a_section, length_grouped_batches, llama_factory_dataset_info, padded_tokens, padding_by_strategy,
-    padding_free_collator, plot_padding, random_batches, repeats_itself, replies_table, stop_table,
-    to_trl_prompt_completion, token_label_rows, tokenize_example,
+    IGNORE_INDEX, PROMPT_INPUT, PROMPT_NO_INPUT, build_dataset, ensure_pad_token, export_stanford_json, format_example,
+    format_prompt, import_stanford_json, repeats_itself, token_label_rows, tokenize_example,
 )
 
 
@@ -421,6 +427,29 @@ def test_axolotl_block_is_a_yaml_ready_alpaca_dataset(tmp_path):
     assert block["path"] == str(tmp_path / "alpaca.json") and block["type"] == "alpaca"
     assert all(isinstance(value, str) for value in block.values())
     assert yaml.safe_load(yaml.safe_dump({"datasets": [block]})) == {"datasets": [block]}
+
+
+@pytest.mark.parametrize("trainer", ["stanford", "trl", "llama-factory", "axolotl"])
+def test_cli_export_writes_each_trainers_files_and_the_records_read_back(trainer, records, tmp_path, capsys):
+    from alpaca_nb.cli import build_parser, main
+    from alpaca_nb.export import EXPORT_FORMATS
+
+    source = export_stanford_json(records[:5], tmp_path / "mine.json")
+    assert main(["export", str(source), "--to", trainer, "--out", str(tmp_path / "out")]) == 0
+    written = [Path(line.removeprefix("wrote ")) for line in capsys.readouterr().out.splitlines()]
+    assert all(path.is_file() for path in written)
+    if trainer == "trl":
+        assert import_trl_jsonl(written[0]) == list(records[:5])
+    else:
+        assert import_stanford_json(written[0]) == list(records[:5])
+    if trainer == "llama-factory":
+        assert json.loads(written[1].read_text())["alpaca_nb"]["file_name"] == written[0].name
+    if trainer == "axolotl":
+        block = yaml.safe_load(written[1].read_text())["datasets"][0]
+        assert Path(block["path"]) == written[0].resolve() and block["type"] == "alpaca"
+    choices = next(action.choices for action in build_parser()._subparsers._group_actions[0].choices["export"]._actions
+                   if action.dest == "to")
+    assert tuple(choices) == EXPORT_FORMATS
 
 
 def test_mix_records_takes_every_generated_record_first_then_tops_up_with_real_ones():

@@ -231,7 +231,8 @@ def test_fine_tuning_on_short_answers_teaches_the_model_to_stop(tiny_llama, tmp_
     """
     from alpaca_nb.data import AlpacaRecord, load_alpaca_data
     from alpaca_nb.models import load_model
-    from alpaca_nb.sft import export_stanford_json, greedy_replies
+    from alpaca_nb.evaluate import greedy_replies
+    from alpaca_nb.sft import export_stanford_json
 
     records = [AlpacaRecord(r.instruction, r.input, "Yes") for r in load_alpaca_data(asset="alpaca_sample")[:20]]
     data = export_stanford_json(records, tmp_path / "short.json")
