@@ -185,6 +185,22 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    """The whole recipe into --out, stage by stage (finished stages skipped), then the report card."""
+    import os
+
+    from alpaca_nb.profiles import load_profile, smoke_mode
+    from alpaca_nb.reproduce import reproduce
+
+    name = args.profile or os.environ.get("ALPACA_NB_PROFILE") or "laptop"
+    report = reproduce(load_profile(name, smoke=args.smoke or smoke_mode()), args.out, budget_usd=args.budget_usd,
+                       stages=args.stages)  # a StageError is a DataError: main() prints it
+    pending = [f"{stage} ({info['status']})" for stage, info in report["stages"].items() if info["status"] != "complete"]
+    if pending:
+        print(f"not in the report: {', '.join(pending)}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     """Serve the chat demo (``demo_app.ipynb``) with Voila on ``args.host``:``args.port`` until interrupted."""
     import os
@@ -275,6 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--truthfulqa", type=int, default=None, help="TruthfulQA questions, 0 = all (default: the profile's)")
     evaluate.add_argument("--no-judge", action="store_true", help="skip the LLM judge (default: the profile's judge)")
     evaluate.set_defaults(run=_evaluate)
+    repro = commands.add_parser("reproduce", help="the whole recipe, stage by stage, and its report card "
+                                "(rerun the same command to resume)")
+    repro.add_argument("--profile", choices=("laptop", "cluster"), default=None,
+                       help="default: ALPACA_NB_PROFILE, else laptop")
+    repro.add_argument("--out", required=True, help="folder for one subfolder per stage and report.json/.md/.html")
+    repro.add_argument("--budget-usd", type=float, default=None, help="cap on API dollars (generation, then the judge)")
+    repro.add_argument("--smoke", action="store_true", help="every stage at its smallest size: minutes on a laptop")
+    repro.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
+                       choices=("generate", "sft_data", "fine_tune", "evaluate", "watermark"),
+                       help="run only these stages (default: all); the report covers every finished one")
+    repro.set_defaults(run=_reproduce)
     demo = commands.add_parser("demo", help="serve chapter 6's chat demo as a web page (Voila) on this machine")
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     demo.add_argument("--port", type=int, default=8866)

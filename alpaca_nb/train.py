@@ -38,7 +38,7 @@ from alpaca_nb.sft import DataMix, SFTReport, build_dataset, ensure_pad_token, e
 
 __all__ = [
     "LOSS_CURVE_FILE", "BookData", "TrainConfig", "TrainConfigError", "TrainResult", "book_training_data",
-    "fsdp_units", "gradient_accumulation_steps", "laptop_config", "main", "peft_available", "plot_loss_curve",
+    "fsdp_units", "gradient_accumulation_steps", "last_checkpoint", "laptop_config", "load_result", "main", "peft_available", "plot_loss_curve",
     "profile_config", "train", "training_arguments", "training_records", "upstream_config", "world_size",
 ]
 
@@ -453,7 +453,8 @@ def _with_lora(model, config: TrainConfig):
     return model
 
 
-def _last_checkpoint(output_dir: str) -> str | None:
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """Return the newest ``checkpoint-N`` folder in ``output_dir`` (what ``resume=True`` continues from), or None."""
     from transformers.trainer_utils import get_last_checkpoint
 
     return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
@@ -510,7 +511,7 @@ def train(config: TrainConfig) -> TrainResult:
             "(configs/accelerate/cpu_2proc.yaml), otherwise each process would train its own copy")
     resume_from = None
     if config.resume:
-        resume_from = _last_checkpoint(config.output_dir)
+        resume_from = last_checkpoint(config.output_dir)
         if resume_from is None:
             raise TrainConfigError(f"resume=True but {config.output_dir} holds no checkpoint-N folder to resume from")
 
@@ -601,6 +602,35 @@ def _write_loss_curve(result: TrainResult, config: TrainConfig) -> Path:
         "config": asdict(config),
     }
     return write_text_atomically(path, json.dumps(payload, indent=1) + "\n")
+
+
+def load_result(output_dir: str | os.PathLike) -> TrainResult:
+    """Return the result of a finished run in ``output_dir``, as its ``loss_curve.json`` records it.
+
+    A run that was interrupted before it wrote the file, or whose ``final/`` model is missing, raises DataError
+    saying so (rerun with ``--resume``), never a half-read result.
+    """
+    from alpaca_nb.data import DataError
+
+    path = Path(output_dir) / LOSS_CURVE_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: no such file: the run did not finish (rerun it with --resume)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        final = Path(output_dir) / FINAL_DIR
+        result = TrainResult(
+            final_loss=raw["final_loss"], loss_curve=[(int(step), float(loss)) for step, loss in raw["loss_curve"]],
+            output_dir=str(output_dir), final_model_dir=str(final) if (final / "config.json").is_file() else None,
+            elapsed_seconds=raw["elapsed_seconds"], global_step=raw["global_step"], world_size=raw["world_size"],
+            gradient_accumulation_steps=raw["gradient_accumulation_steps"], lora=raw["config"]["lora"],
+            interrupted=raw["interrupted"], data_report=SFTReport(**raw["data_report"]),
+            eval_loss_before=raw["eval_loss_before"], eval_loss_after=raw["eval_loss_after"],
+            trainable_parameters=raw["trainable_parameters"], total_parameters=raw["total_parameters"])
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise DataError(f"{path}: not a loss_curve.json of this version ({type(error).__name__}: {error})") from None
+    if result.final_model_dir is None and not result.interrupted:
+        raise DataError(f"{final}: no model: the run stopped before saving it (rerun it with --resume)")
+    return result
 
 
 def plot_loss_curve(result: TrainResult):

@@ -1,0 +1,610 @@
+"""The whole recipe in one command, ``alpaca-nb reproduce``: stages with clean boundaries, and the report card.
+
+Stages, each in its own folder under ``--out``: ``generate`` (self-instruct from the seed tasks) -> ``sft_data``
+(what generation kept, topped up with real Alpaca records to the profile's size) -> ``fine_tune`` -> ``evaluate``
+(replies, probes, TruthfulQA, the judge) -> ``watermark`` (detection on the fine-tuned model) -> the report.
+
+A stage's folder is finished when its ``stage.json`` exists: written last, it records the provenance (input
+files and their hashes, model, decoding settings, profile, package version, wall time, tokens, dollars). A
+folder without it was interrupted: the stage resumes (generation continues its ledger, the fine-tune its last
+checkpoint, the evaluation its reply cache). A stage whose inputs or settings changed, or that another version
+wrote, is run again; so is everything after it, because its inputs are the earlier stages' outputs.
+
+The report card (``report.json``, ``report.md``, ``report.html``). ``report.json`` is versioned by ``schema``
+(``REPORT_SCHEMA``; a change of meaning bumps it):
+
+- ``schema``, ``created``, ``profile``, ``smoke``, ``environment`` (python, platform, CPU, GPU, package versions,
+  git commit);
+- ``stages``: per stage ``status`` ("complete", or "new", "interrupted", "changed" when its inputs or settings
+  changed since it ran, "waiting" for an earlier stage: those carry nothing else); a complete one ``wall_seconds``, ``tokens``, ``usd`` (spent), ``usd_paper_rates`` (the same work priced
+  at the paper's 2023 rates: text-davinci-003's tokens; the fine-tune's FLOPs on A100s at 40 % MFU at
+  prices.toml's rate), ``note``, ``provenance`` (the stage's ``stage.json``);
+- ``metrics``: a list of ``{key, label, unit, ours, interval, paper, paper_source}``; ``unit`` is one of
+  ``UNITS`` (a share is a fraction of 1), ``ours`` a number or None (not measured in this run), ``interval`` a
+  95 % ``[low, high]`` or None, ``paper`` the release's figure as text or None where it gives none;
+- ``generation_funnel`` (generated blocks -> kept) and ``loss_curve`` (``[step, loss]``), the report's figures.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import io
+import json
+import os
+import platform
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from alpaca_nb import __version__
+from alpaca_nb.data import DataError
+from alpaca_nb.jsonl import write_text_atomically
+
+__all__ = [
+    "MANIFEST", "REPORT_SCHEMA", "STAGES", "UNITS", "Provenance", "StageError", "build_report", "environment",
+    "file_sha256", "format_value", "read_manifest", "read_report", "report_figures", "report_html", "report_markdown",
+    "reproduce", "stage_status", "write_report",
+]
+
+STAGES = ("generate", "sft_data", "fine_tune", "evaluate", "watermark")
+MANIFEST = "stage.json"
+STARTED = "stage-started.json"  # the fingerprint a stage began with: an interrupted one resumes only if it matches
+MANIFEST_SCHEMA = 1
+REPORT_SCHEMA = 1
+PAPER_MODEL = "text-davinci-003"  # the paper's generation model: tokens are priced at its 2023 rate
+
+
+class StageError(DataError):
+    """A stage folder that is incomplete, from another version, or whose earlier stage has not run."""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What a finished stage was made from and what it cost: its folder's ``stage.json``."""
+
+    stage: str
+    fingerprint: str  # sha256 of inputs and settings: a change reruns the stage
+    inputs: dict[str, str]  # input file -> sha256
+    settings: dict[str, Any]
+    profile: str
+    package_version: str
+    schema: int
+    finished_at: str
+    wall_seconds: float
+    tokens: int | None = None
+    usd: float = 0.0
+    usd_paper_rates: float | None = None
+    note: str = ""
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Return the sha256 of a file, or of a folder's files (names and contents, in sorted order)."""
+    digest = hashlib.sha256()
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for item in files:
+        digest.update(str(item.relative_to(path) if path.is_dir() else item.name).encode())
+        with open(item, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprint(inputs: dict[str, str], settings: dict[str, Any]) -> str:
+    payload = json.dumps({"inputs": inputs, "settings": settings, "schema": MANIFEST_SCHEMA, "version": __version__},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def read_manifest(folder: str | os.PathLike) -> Provenance:
+    """Return a finished stage's provenance; StageError when the folder is incomplete or from another version."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise StageError(f"{folder}: incomplete: no {MANIFEST} (the stage was interrupted, or has not run)")
+    try:
+        provenance = Provenance(**json.loads(path.read_text(encoding="utf-8")))
+    except (json.JSONDecodeError, TypeError) as error:
+        raise StageError(f"{path}: not a stage manifest of this version ({error})") from None
+    if provenance.schema != MANIFEST_SCHEMA or provenance.package_version != __version__:
+        raise StageError(f"{path}: written by alpaca_nb {provenance.package_version} (manifest schema "
+                         f"{provenance.schema}); this is {__version__} (schema {MANIFEST_SCHEMA}): run the stage again")
+    return provenance
+
+
+def stage_status(folder: str | os.PathLike, fingerprint: str) -> str:
+    """Return "complete" (finished with this fingerprint), "changed" (finished with other inputs or by another
+    version), "interrupted" (started with this fingerprint, not finished) or "new"."""
+    folder = Path(folder)
+    if (folder / MANIFEST).is_file():
+        try:
+            return "complete" if read_manifest(folder).fingerprint == fingerprint else "changed"
+        except StageError:
+            return "changed"
+    started = folder / STARTED
+    if started.is_file() and json.loads(started.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
+        return "interrupted"
+    return "new"
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """What a stage function returns: its cost, for the manifest."""
+
+    tokens: int | None = None
+    usd: float = 0.0
+    usd_paper_rates: float | None = None
+    note: str = ""
+
+
+@dataclass
+class _Run:
+    profile: Any
+    out: Path
+    budget_usd: float | None
+    spent_usd: float = 0.0
+    log: Callable[[str], None] = print
+
+    def folder(self, stage: str) -> Path:
+        return self.out / stage
+
+    def remaining_budget(self) -> float | None:
+        return None if self.budget_usd is None else max(0.0, self.budget_usd - self.spent_usd)
+
+
+def _ledger_outcome(path: Path, note: str) -> StageOutcome:
+    from alpaca_nb.api_costs import Ledger
+
+    if not path.is_file():
+        return StageOutcome(0, 0.0, 0.0, note)
+    ledger = Ledger(path)
+    return StageOutcome(ledger.total_tokens, ledger.total_usd, ledger.repriced_usd(PAPER_MODEL), note)
+
+
+def _generate(run: _Run, folder: Path) -> StageOutcome:
+    from alpaca_nb.selfinstruct import generate, live_funnel, teacher_endpoint
+
+    profile, funnel = run.profile, live_funnel(run.profile)
+    with teacher_endpoint(profile) as teacher:
+        report = generate(teacher, profile.generate_instructions, folder, budget_usd=run.remaining_budget(),
+                          concurrency=profile.generate_concurrency, sampling=funnel.sampling,
+                          constraint=funnel.constraint, max_requests=profile.generate_max_requests)
+    return _ledger_outcome(folder / "ledger.jsonl", f"kept {report.kept} from {report.requests} requests "
+                                                    f"({report.stopped_reason})")
+
+
+def _sft_data(run: _Run, folder: Path) -> StageOutcome:
+    from alpaca_nb.selfinstruct import kept_records
+    from alpaca_nb.train import book_training_data
+
+    data = book_training_data(run.profile, kept_records(run.folder("generate")), folder)
+    write_text_atomically(folder / "mix.json", json.dumps({
+        "summary": data.mix.summary(), "generated": data.mix.generated, "real": data.mix.real,
+        "real_source": data.mix.real_source, "empty_outputs": data.mix.empty_outputs,
+        "looping_outputs": data.mix.looping_outputs, "held_out": len(data.held_out)}, indent=1) + "\n")
+    return StageOutcome(note=data.mix.summary())
+
+
+def _fine_tune(run: _Run, folder: Path) -> StageOutcome:
+    from alpaca_nb.train import last_checkpoint, profile_config, train
+
+    config = profile_config(run.profile, str(folder / "run"))
+    mix = json.loads((run.folder("sft_data") / "mix.json").read_text(encoding="utf-8"))
+    config = replace(config, data=str(run.folder("sft_data") / "training_data.json"), n_examples=None,
+                     n_eval_examples=mix["held_out"], resume=last_checkpoint(config.output_dir) is not None)
+    result = train(config)
+    if result.interrupted:
+        raise StageError(f"{folder}: the fine-tune stopped before its last step")
+    return StageOutcome(result.data_report.total_tokens, 0.0, _finetune_usd_paper_rates(result, config.epochs),
+                        f"{result.global_step} steps, held-out loss {result.eval_loss_before:.3f} -> "
+                        f"{result.eval_loss_after:.3f}" if result.eval_loss_after is not None else "")
+
+
+def _finetune_usd_paper_rates(result: Any, epochs: float) -> float:
+    """Return the run's FLOPs (6ND, or 4ND for LoRA) priced on the paper's A100s at 40 % MFU."""
+    from alpaca_nb.claims import PAPER_FINETUNE_GPU, PAPER_FINETUNE_GPUS
+    from alpaca_nb.training_compute import finetune_flops, lora_flops, training_time
+
+    flops = finetune_flops(result.total_parameters, result.data_report.total_tokens, epochs)
+    flops = lora_flops(flops) if result.lora else flops
+    return training_time(flops.total, PAPER_FINETUNE_GPU, PAPER_FINETUNE_GPUS, 0.4).cost_usd
+
+
+def _load_tuned(run: _Run):
+    from alpaca_nb.models import load_model
+
+    return load_model(str(run.folder("fine_tune") / "run" / "final"))
+
+
+def _evaluate(run: _Run, folder: Path) -> StageOutcome:
+    from alpaca_nb.evaluate import run_evaluation
+    from alpaca_nb.judge import judge_endpoint
+
+    profile = run.profile
+    model, tokenizer = _load_tuned(run)
+    with judge_endpoint(profile) as judge:
+        results = run_evaluation(
+            folder, "alpaca_nb fine-tune", template="alpaca", model=model, tokenizer=tokenizer,
+            instructions=profile.eval_instructions, max_new_tokens=profile.eval_max_new_tokens,
+            probe_max_new_tokens=profile.probe_max_new_tokens, truthfulqa_questions=profile.truthfulqa_questions,
+            judge=judge, judge_calibration_pairs=profile.judge_calibration_pairs,
+            judge_budget_usd=run.remaining_budget(), concurrency=profile.generate_concurrency)
+    return _ledger_outcome(folder / "ledger.jsonl", f"{len(results.replies)} replies judged by "
+                                                    f"{(results.judge or {}).get('judge', 'no judge')}")
+
+
+def _watermark(run: _Run, folder: Path) -> StageOutcome:
+    from alpaca_nb import safety
+    from alpaca_nb.data import load_eval_instructions
+    from alpaca_nb.evaluate import templated_prompts
+    from alpaca_nb.hallucination import evenly_spaced
+
+    profile = run.profile
+    model, tokenizer = _load_tuned(run)
+    prompts = templated_prompts(evenly_spaced(load_eval_instructions(), profile.watermark_prompts), "alpaca", tokenizer)
+    experiment = safety.run_watermark_experiment(model, tokenizer, prompts,
+                                                 lengths=safety.detection_lengths(profile.watermark_max_tokens),
+                                                 add_special_tokens=True)
+    table = safety.detection_table(experiment)
+    rows = {int(length): {key: float(value) for key, value in row.items()} for length, row in table.iterrows()}
+    write_text_atomically(folder / "watermark.json", json.dumps({
+        "texts": len(prompts), "temperature": experiment.temperature, "threshold_z": experiment.threshold,
+        "by_length": rows}, indent=1) + "\n")
+    return StageOutcome(note=f"{len(prompts)} prompts, {profile.watermark_max_tokens} tokens each")
+
+
+_RUNNERS: dict[str, Callable[[_Run, Path], StageOutcome]] = {
+    "generate": _generate, "sft_data": _sft_data, "fine_tune": _fine_tune, "evaluate": _evaluate,
+    "watermark": _watermark,
+}
+_PREVIOUS = {"sft_data": ("generate",), "fine_tune": ("sft_data",), "evaluate": ("fine_tune",),
+             "watermark": ("fine_tune",)}
+
+
+def _settings(stage: str, profile: Any) -> dict[str, Any]:
+    """Return the profile settings a stage depends on: a change to any of them reruns it."""
+    keys = {
+        "generate": ("teacher_base_url", "teacher_model", "generate_instructions", "generate_max_requests",
+                     "generate_max_tokens", "generate_temperature", "generate_format", "generate_concurrency"),
+        "sft_data": ("finetune_asset", "finetune_examples", "finetune_eval_examples"),
+        "fine_tune": ("base_model", "finetune_max_steps"),
+        "evaluate": ("eval_instructions", "eval_max_new_tokens", "probe_max_new_tokens", "eval_probes",
+                     "truthfulqa_questions", "judge_base_url", "judge_model", "judge_calibration_pairs"),
+        "watermark": ("watermark_prompts", "watermark_max_tokens"),
+    }[stage]
+    return {key: getattr(profile, key) for key in keys}
+
+
+def _inputs(stage: str, run: _Run) -> dict[str, str]:
+    """Return the stage's input files and their hashes: upstream data, then earlier stages' outputs."""
+    from alpaca_nb.data import resolve
+
+    if stage == "generate":
+        files = {"seed_tasks": resolve("seed_tasks"), "prompt": resolve("prompt")}
+    elif stage == "sft_data":
+        files = {"generated.jsonl": run.folder("generate") / "generated.jsonl",
+                 run.profile.finetune_asset: resolve(run.profile.finetune_asset)}
+    elif stage == "fine_tune":
+        files = {"training_data.json": run.folder("sft_data") / "training_data.json"}
+    else:
+        files = {"final model": run.folder("fine_tune") / "run" / "final"}
+    return {name: file_sha256(path) for name, path in files.items()}
+
+
+def _status(stage: str, run: _Run) -> tuple[str, dict[str, str], dict[str, Any], str]:
+    """Return the stage's status ("waiting" while an earlier stage is not complete), inputs, settings, fingerprint."""
+    settings = _settings(stage, run.profile)
+    if any(_status(previous, run)[0] != "complete" for previous in _PREVIOUS.get(stage, ())):
+        return "waiting", {}, settings, ""
+    inputs = _inputs(stage, run)
+    fingerprint = _fingerprint(inputs, settings)
+    return stage_status(run.folder(stage), fingerprint), inputs, settings, fingerprint
+
+
+def _run_stage(stage: str, run: _Run) -> Provenance:
+    folder = run.folder(stage)
+    status, inputs, settings, fingerprint = _status(stage, run)
+    if status == "waiting":
+        waiting = [p for p in _PREVIOUS[stage] if _status(p, run)[0] != "complete"]
+        raise StageError(f"{stage} needs {', '.join(waiting)} to finish first (its folder: {run.folder(waiting[0])})")
+    if status == "complete":
+        run.log(f"{stage}: complete, skipped ({folder})")
+        return read_manifest(folder)
+    if status in ("new", "changed"):
+        if status == "changed":
+            run.log(f"{stage}: its inputs or settings changed since it ran: running it again")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        write_text_atomically(folder / STARTED, json.dumps({"fingerprint": fingerprint}) + "\n")
+    run.log(f"{stage}: {'resuming' if status == 'interrupted' else 'running'} in {folder}")
+    started = time.perf_counter()
+    outcome = _RUNNERS[stage](run, folder)
+    provenance = Provenance(stage, fingerprint, inputs, settings, run.profile.name, __version__, MANIFEST_SCHEMA,
+                            datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            round(time.perf_counter() - started, 1), outcome.tokens, outcome.usd,
+                            outcome.usd_paper_rates, outcome.note)
+    write_text_atomically(folder / MANIFEST, json.dumps(asdict(provenance), indent=1) + "\n")
+    run.log(f"{stage}: done in {provenance.wall_seconds:.0f} s. {outcome.note}")
+    return provenance
+
+
+def reproduce(profile: Any, out: str | os.PathLike, *, budget_usd: float | None = None,
+              stages: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the recipe's stages into ``out`` (skipping finished ones, resuming interrupted ones), then write the
+    report card; returns ``report.json``'s content. ``stages`` runs only those; the others must be finished
+    to report them (a stage that has not run is reported as such)."""
+    chosen = list(STAGES if stages is None else stages)
+    unknown = [stage for stage in chosen if stage not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; the stages: {', '.join(STAGES)}")
+    run = _Run(profile, Path(out), budget_usd, log=log)
+    run.out.mkdir(parents=True, exist_ok=True)
+    for stage in STAGES:
+        if stage in chosen:
+            run.spent_usd += _run_stage(stage, run).usd
+    report = build_report(run.out, profile)
+    write_report(report, run.out)
+    log(f"report card: {run.out / 'report.md'} and report.html")
+    return report
+
+
+# --------------------------------------------------------------------------- the report card
+
+
+def environment(profile_name: str) -> dict[str, Any]:
+    """Return what the report records about the machine: python, platform, CPU, GPU, packages, git commit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = {}
+    for name in ("alpaca-nb", "torch", "transformers", "accelerate", "peft", "openai", "datasets"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(), "gpu": _gpu_name(), "packages": packages, "git_commit": _git_commit(),
+            "profile": profile_name}
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if done.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            return done.stdout.strip() + ("-dirty" if dirty else "")
+    return None
+
+
+UNITS = ("count", "share", "loss", "usd", "hours", "tokens/s")
+
+
+def _metric(key: str, label: str, unit: str, ours: float | None, paper: str | None = None,
+            interval: Sequence[float] | None = None, source: str | None = None) -> dict[str, Any]:
+    from alpaca_nb.claims import SOURCE_URL
+
+    assert unit in UNITS, unit
+    return {"key": key, "label": label, "unit": unit, "ours": ours,
+            "interval": list(interval) if interval is not None else None,
+            "paper": paper, "paper_source": (source or SOURCE_URL) if paper else None}
+
+
+def build_report(out: str | os.PathLike, profile: Any) -> dict[str, Any]:
+    """Return the report card of ``out``: a stage counts only when it is complete for the current inputs and
+    settings; any other is reported with its status (new, interrupted, changed, waiting) and no figures."""
+    from alpaca_nb.claims import PAPER_FINETUNE_HOURS, PAPER_FINETUNE_USD, PAPER_GENERATION_USD, PAPER_INSTRUCTIONS
+
+    out = Path(out)
+    run = _Run(profile, out, None)
+    statuses = {stage: _status(stage, run)[0] for stage in STAGES}
+    done = {stage: read_manifest(out / stage) if status == "complete" else None for stage, status in statuses.items()}
+    metrics: list[dict[str, Any]] = []
+    report: dict[str, Any] = {
+        "schema": REPORT_SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "profile": profile.name, "smoke": bool(profile.smoke), "environment": environment(profile.name),
+        "stages": {stage: {"status": statuses[stage]} if p is None else {
+            "status": "complete", "wall_seconds": p.wall_seconds, "tokens": p.tokens, "usd": p.usd,
+            "usd_paper_rates": p.usd_paper_rates, "note": p.note, "provenance": asdict(p)} for stage, p in done.items()},
+        "metrics": metrics, "generation_funnel": None, "loss_curve": None,
+    }
+    if done["generate"]:
+        from alpaca_nb.selfinstruct import load_run
+
+        generation = load_run(out / "generate")
+        report["generation_funnel"] = generation.funnel()
+        metrics += [
+            _metric("kept_instructions", "kept instructions", "count", generation.kept, f"{PAPER_INSTRUCTIONS:,} (\"52K\")"),
+            _metric("keep_rate", "keep rate (kept / generated blocks)", "share", generation.keep_rate),
+            _metric("generation_usd_paper_rates", "generation dollars at text-davinci-003's 2023 rate", "usd",
+                    done["generate"].usd_paper_rates, f"< ${PAPER_GENERATION_USD:,.0f} for 52K"),
+        ]
+    if done["fine_tune"]:
+        from alpaca_nb.train import load_result
+
+        result = load_result(out / "fine_tune" / "run")
+        report["loss_curve"] = [list(point) for point in result.loss_curve]
+        config = json.loads((out / "fine_tune" / "run" / "loss_curve.json").read_text(encoding="utf-8"))["config"]
+        examples_seen = result.global_step * config["global_batch_size"]
+        mean_tokens = result.data_report.total_tokens / max(1, result.data_report.kept)
+        tokens_per_second = examples_seen * mean_tokens / result.elapsed_seconds if result.elapsed_seconds else None
+        metrics += [
+            _metric("held_out_loss_before", "held-out loss before the fine-tune", "loss", result.eval_loss_before),
+            _metric("held_out_loss_after", "held-out loss after the fine-tune", "loss", result.eval_loss_after),
+            _metric("finetune_hours", "fine-tune wall hours", "hours", result.elapsed_seconds / 3600,
+                    f"{PAPER_FINETUNE_HOURS:g} h on 8 A100s (LLaMA-7B, 52K)"),
+            _metric("finetune_usd_paper_rates", "fine-tune dollars, this run's FLOPs on A100s at 40 % MFU", "usd",
+                    done["fine_tune"].usd_paper_rates, f"< ${PAPER_FINETUNE_USD:,.0f}"),
+            _metric("training_tokens_per_second", "effective training tokens per second", "tokens/s", tokens_per_second),
+        ]
+    if done["evaluate"]:
+        metrics += _evaluation_metrics(out / "evaluate")
+    if done["watermark"]:
+        watermark = json.loads((out / "watermark" / "watermark.json").read_text(encoding="utf-8"))
+        longest = max(watermark["by_length"], key=int)
+        row = watermark["by_length"][longest]
+        metrics += [
+            _metric("watermark_detection", f"watermark detected at {longest} tokens (z > {watermark['threshold_z']:g})",
+                    "share", row["detected (true positives)"], "the demo watermarked outputs (Kirchenbauer et al., 2023); "
+                    "no rate given"),
+            _metric("watermark_false_positives", f"plain texts flagged at {longest} tokens", "share", row["false positives"]),
+        ]
+    return report
+
+
+def _evaluation_metrics(folder: Path) -> list[dict[str, Any]]:
+    from alpaca_nb.evaluate import read_evaluation, win_rate
+
+    results = read_evaluation(folder)
+    paper = win_rate(90, 89)
+    h = results.hallucination
+    metrics = [_metric("hallucination_rate", f"wrong answers to {h['probes']} factual probes", "share", h["rate"],
+                       "hallucinates (Dar es Salaam named as Tanzania's capital); no rate given", h["ci"])]
+    judge = results.judge or {}
+    if "win_rate" in judge:
+        w = judge["win_rate"]
+        metrics.append(_metric("win_rate", f"win rate against text-davinci-003 ({judge['judge']} as judge)", "share",
+                               w["rate"], f"{paper.rate:.1%} (90 wins vs 89, blind human raters)",
+                               [w["ci_low"], w["ci_high"]]))
+    if "calibration" in judge:
+        c = judge["calibration"]
+        metrics.append(_metric("judge_agreement", f"judge agrees with GPT-4 on {c['pairs']} AlpacaEval pairs", "share",
+                               c["agreement"], None, c["agreement_ci"]))
+    if results.truthfulqa:
+        t = results.truthfulqa
+        metrics += [_metric("truthfulqa_mc1", f"TruthfulQA MC1 ({t['questions']} of {t['of']})", "share", t["mc1"]),
+                    _metric("truthfulqa_mc2", f"TruthfulQA MC2 ({t['questions']} of {t['of']})", "share", t["mc2"])]
+    return metrics
+
+
+def read_report(out: str | os.PathLike) -> dict[str, Any]:
+    """Return ``out/report.json``; StageError when it is missing or of another schema."""
+    path = Path(out) / "report.json"
+    if not path.is_file():
+        raise StageError(f"{path}: no report card: run `alpaca-nb reproduce --out {out}`")
+    report = json.loads(path.read_text(encoding="utf-8"))
+    if report.get("schema") != REPORT_SCHEMA:
+        raise StageError(f"{path}: report schema {report.get('schema')}, this version reads {REPORT_SCHEMA}")
+    return report
+
+
+def format_value(value: float | None, unit: str) -> str:
+    """Return a metric's value as the report prints it, by its unit."""
+    if value is None:
+        return "not measured"
+    return {"count": f"{value:,.0f}", "share": f"{value:.1%}", "loss": f"{value:.3f}", "usd": f"${value:,.2f}" if value >= 0.01 or value == 0 else f"${value:.2g}",
+            "hours": f"{value:.3f} h", "tokens/s": f"{value:,.0f}"}[unit]
+
+
+_STATUS_WORDS = {"new": "not run", "interrupted": "interrupted (rerun to resume)",
+                 "changed": "out of date (its inputs changed)", "waiting": "waiting for an earlier stage"}
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """Return the report card as Markdown: stages (time, tokens, dollars), metrics beside the paper, environment."""
+    kind = "smoke-size " if report["smoke"] else ""
+    lines = [f"# Alpaca reproduced: report card ({report['profile']} profile, {kind}run)", "",
+             f"Written {report['created']}. The paper's figures are the release's ({_paper_url()}); ours come from "
+             "this run" + (" of the embedded 135M model, offline: not comparable in size to LLaMA-7B" if
+                           report["profile"] == "laptop" else "") + ".", "",
+             "## Stages", "", "| stage | wall time | tokens | dollars spent | at the paper's 2023 rates | note |",
+             "|---|---|---|---|---|---|"]
+    for stage, info in report["stages"].items():
+        if info["status"] != "complete":
+            lines.append(f"| {stage} | {_STATUS_WORDS[info['status']]} | | | | |")
+            continue
+        paper_rates = "" if info["usd_paper_rates"] is None else format_value(info["usd_paper_rates"], "usd")
+        tokens = "" if info["tokens"] is None else f"{info['tokens']:,}"
+        lines.append(f"| {stage} | {info['wall_seconds']:.0f} s | {tokens} | {format_value(info['usd'], 'usd')} | {paper_rates} | "
+                     f"{info['note']} |")
+    lines += ["", "## Metrics beside the paper", "", "| metric | ours | 95 % interval | the paper |", "|---|---|---|---|"]
+    for metric in report["metrics"]:
+        unit = metric["unit"]
+        interval = "" if metric["interval"] is None else " to ".join(format_value(v, unit) for v in metric["interval"])
+        lines.append(f"| {metric['label']} | {format_value(metric['ours'], unit)} | {interval} | {metric['paper'] or '-'} |")
+    env = report["environment"]
+    packages = ", ".join(f"{name} {ver}" for name, ver in env["packages"].items() if ver)
+    lines += ["", "## Environment", "", f"- profile: {env['profile']}; git commit: {env['git_commit'] or 'not a checkout'}",
+              f"- python {env['python']} on {env['platform']}", f"- CPU: {env['cpu']} ({env['cpu_count']} cores); "
+              f"GPU: {env['gpu'] or 'none'}", f"- packages: {packages}", ""]
+    return "\n".join(lines)
+
+
+def _paper_url() -> str:
+    from alpaca_nb.claims import SOURCE_URL
+
+    return SOURCE_URL
+
+
+def report_figures(report: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Return (caption, matplotlib figure) for the loss curve and the generation funnel, where the run has them."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    if report["loss_curve"]:
+        figure, axis = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
+        steps, losses = zip(*report["loss_curve"])
+        axis.plot(steps, losses, marker="o", markersize=3)
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("training loss (each step's batch)")
+        axis.set_title("Fine-tune loss curve")
+        figures.append(("The fine-tune's training loss per optimizer step.", figure))
+    if report["generation_funnel"]:
+        funnel = report["generation_funnel"]
+        figure, axis = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
+        bars = axis.bar(list(funnel), [max(count, 0.8) for count in funnel.values()], color="#66c2a5")
+        axis.bar_label(bars, labels=[f"{count:,}" for count in funnel.values()])
+        axis.set_yscale("log")
+        axis.set_ylim(0.7, None)
+        axis.set_ylabel("task blocks (log scale)")
+        axis.set_title("Generation funnel")
+        figures.append(("Where the generated task blocks went: parsed, passed upstream's filters, kept.", figure))
+    return figures
+
+
+def report_html(report: dict[str, Any]) -> str:
+    """Return the report card as one self-contained HTML page (the figures inlined as PNG)."""
+    import html
+
+    import matplotlib.pyplot as plt
+
+    body = [f"<pre>{html.escape(report_markdown(report))}</pre>"]
+    for caption, figure in report_figures(report):
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100)
+        plt.close(figure)
+        encoded = base64.b64encode(buffer.getvalue()).decode()
+        body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{encoded}">'
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>alpaca-nb report card</title></head><body>"
+            + "\n".join(body) + "</body></html>\n")
+
+
+def write_report(report: dict[str, Any], out: str | os.PathLike) -> None:
+    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out``."""
+    out = Path(out)
+    write_text_atomically(out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_text_atomically(out / "report.md", report_markdown(report))
+    write_text_atomically(out / "report.html", report_html(report))

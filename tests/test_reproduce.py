@@ -1,0 +1,204 @@
+"""`alpaca-nb reproduce`: stage manifests, the report card, and the whole smoke recipe killed and resumed.
+
+The smoke run is real: the embedded llama-server generates, the fine-tune takes real steps, the evaluation
+and the watermark run on the fine-tuned model. It is SIGKILLed (with its llama-server: the whole process
+group, as a batch scheduler would) inside a stage and again between stages, then finished by a rerun that
+must not redo what was finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+
+from alpaca_nb import __version__
+from alpaca_nb.profiles import load_profile
+from alpaca_nb.reproduce import (
+    MANIFEST, REPORT_SCHEMA, STAGES, Provenance, StageError, build_report, file_sha256, format_value, read_manifest,
+    read_report, report_markdown, reproduce, stage_status,
+)
+
+
+def _provenance(**changes) -> Provenance:
+    base = Provenance("generate", "abc", {"seed_tasks": "00"}, {"teacher_model": "m"}, "laptop", __version__, 1,
+                      "2026-12-03T00:00:00+00:00", 1.5)
+    return replace(base, **changes)
+
+
+def _write(folder: Path, provenance: Provenance) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).write_text(json.dumps(asdict(provenance)))
+
+
+def test_a_folder_without_its_manifest_is_reported_incomplete_not_half_read(tmp_path):
+    (tmp_path / "generated.jsonl").write_text("{}\n")
+    with pytest.raises(StageError, match=r"incomplete: no stage.json"):
+        read_manifest(tmp_path)
+    assert stage_status(tmp_path, "abc") == "new"
+
+
+def test_a_manifest_from_another_version_is_refused_by_name(tmp_path):
+    _write(tmp_path, _provenance(package_version="0.0.1"))
+    with pytest.raises(StageError, match=rf"written by alpaca_nb 0.0.1 .* this is {__version__}"):
+        read_manifest(tmp_path)
+    assert stage_status(tmp_path, "abc") == "changed"
+
+
+def test_stage_status_follows_the_fingerprint(tmp_path):
+    _write(tmp_path / "done", _provenance())
+    assert stage_status(tmp_path / "done", "abc") == "complete"
+    assert stage_status(tmp_path / "done", "other inputs") == "changed"
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "stage-started.json").write_text(json.dumps({"fingerprint": "abc"}))
+    assert stage_status(tmp_path / "half", "abc") == "interrupted"
+    assert stage_status(tmp_path / "half", "other inputs") == "new"  # started with other inputs: start over
+
+
+def test_file_sha256_covers_a_folders_names_and_contents(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("one")
+    first = file_sha256(tmp_path / "a")
+    (tmp_path / "a" / "x.txt").write_text("two")
+    second = file_sha256(tmp_path / "a")
+    (tmp_path / "a" / "x.txt").rename(tmp_path / "a" / "y.txt")
+    assert len({first, second, file_sha256(tmp_path / "a")}) == 3
+
+
+def test_unknown_stages_and_a_stage_whose_inputs_are_missing_are_refused(tmp_path):
+    profile = load_profile("laptop", smoke=True)
+    with pytest.raises(ValueError, match="unknown stage"):
+        reproduce(profile, tmp_path, stages=["train"])
+    with pytest.raises(StageError, match=r"fine_tune needs sft_data to finish first"):
+        reproduce(profile, tmp_path, stages=["fine_tune"], log=lambda line: None)
+
+
+def test_an_empty_folder_reports_every_stage_as_not_run(tmp_path):
+    report = build_report(tmp_path, load_profile("laptop", smoke=True))
+    assert report["schema"] == REPORT_SCHEMA and report["metrics"] == []
+    assert {stage: info["status"] for stage, info in report["stages"].items()} == {
+        "generate": "new", **{stage: "waiting" for stage in STAGES[1:]}}
+    text = report_markdown(report)
+    assert "| generate | not run |" in text and "| fine_tune | waiting for an earlier stage |" in text
+    assert report["environment"]["packages"]["torch"] and report["environment"]["cpu"]
+
+
+def test_values_are_printed_by_their_unit():
+    assert format_value(0.5, "share") == "50.0%" and format_value(2.31441, "loss") == "2.314"
+    assert format_value(52002, "count") == "52,002" and format_value(None, "share") == "not measured"
+    assert format_value(0.0578, "usd") == "$0.06" and format_value(1.2e-05, "usd") == "$1.2e-05"
+
+
+def test_read_report_refuses_another_schema(tmp_path):
+    with pytest.raises(StageError, match="no report card"):
+        read_report(tmp_path)
+    (tmp_path / "report.json").write_text(json.dumps({"schema": REPORT_SCHEMA + 1}))
+    with pytest.raises(StageError, match="report schema"):
+        read_report(tmp_path)
+
+
+# --------------------------------------------------------------------------- the whole smoke recipe
+
+
+def _command(out: Path) -> list[str]:
+    return [sys.executable, "-m", "alpaca_nb.cli", "reproduce", "--profile", "laptop", "--smoke", "--out", str(out)]
+
+
+def _start(out: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "ALPACA_NB_PROGRESS": "0"}
+    return subprocess.Popen(_command(out), stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def _kill_when(process: subprocess.Popen, ready, log: Path, timeout: float = 900) -> None:
+    """SIGKILL the process group as soon as ``ready()`` holds; fail (with the log) if the run ends or hangs first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (exit {process.returncode}) before the kill point:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"the kill point never came:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+
+
+def _manifests(out: Path) -> dict[str, str]:
+    return {stage: (out / stage / MANIFEST).read_text() for stage in STAGES if (out / stage / MANIFEST).is_file()}
+
+
+def test_smoke_recipe_killed_inside_a_stage_and_between_stages_then_resumed(tmp_path):
+    out = tmp_path / "run"
+    # 1. Killed inside the fine-tune, once it has started training.
+    log1 = tmp_path / "first.log"
+    first = _start(out, log1)
+    _kill_when(first, lambda: (out / "fine_tune" / "run").is_dir(), log1)
+    after_first = _manifests(out)
+    assert set(after_first) == {"generate", "sft_data"}, log1.read_text()[-2000:]
+
+    # 2. The rerun skips the finished stages, resumes the fine-tune; killed just after the fine-tune finished.
+    log2 = tmp_path / "second.log"
+    second = _start(out, log2)
+    _kill_when(second, lambda: (out / "fine_tune" / MANIFEST).is_file(), log2)
+    text = log2.read_text()
+    assert "generate: complete, skipped" in text and "sft_data: complete, skipped" in text
+    assert "fine_tune: resuming" in text
+    after_second = _manifests(out)
+    assert {stage: after_second[stage] for stage in after_first} == after_first, "a finished stage was redone"
+
+    # 3. The last rerun finishes without redoing anything finished, and writes the report card.
+    finished = subprocess.run(_command(out), capture_output=True, text=True, timeout=1200, check=False,
+                              env={**os.environ, "ALPACA_NB_PROGRESS": "0"})
+    assert finished.returncode == 0, (finished.stdout + finished.stderr)[-3000:]
+    for stage in ("generate", "sft_data", "fine_tune"):
+        assert f"{stage}: complete, skipped" in finished.stdout
+    final = _manifests(out)
+    assert {stage: final[stage] for stage in after_second} == after_second, "a finished stage was redone"
+    assert set(final) == set(STAGES)
+
+    report = read_report(out)
+    assert all(info["status"] == "complete" for info in report["stages"].values())
+    metrics = {metric["key"]: metric for metric in report["metrics"]}
+    from alpaca_nb.selfinstruct import load_run
+
+    assert metrics["kept_instructions"]["ours"] == load_run(out / "generate").kept > 0
+    assert metrics["held_out_loss_after"]["ours"] > 0 and metrics["hallucination_rate"]["interval"]
+    assert metrics["win_rate"]["paper"].startswith("50.3%")
+    assert 0 <= metrics["watermark_detection"]["ours"] <= 1
+    assert report["loss_curve"] and report["generation_funnel"]["generated blocks"] > 0
+    sft = json.loads((out / "sft_data" / "mix.json").read_text())
+    assert sft["generated"] + sft["real"] == 16  # the smoke profile's finetune_examples
+    provenance = read_manifest(out / "generate")
+    assert provenance.inputs["seed_tasks"] and provenance.settings["teacher_model"] == "smollm2-135m-instruct"
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "Metrics beside the paper" in html
+
+    # 4. A changed setting reruns its stage, and the stages after it are reported out of date.
+    changed = replace(load_profile("laptop", smoke=True), finetune_examples=12)
+    lines: list[str] = []
+    report = reproduce(changed, out, stages=["sft_data"], log=lines.append)
+    assert "sft_data: its inputs or settings changed since it ran: running it again" in lines
+    mix = json.loads((out / "sft_data" / "mix.json").read_text())
+    assert mix["generated"] + mix["real"] == 12
+    assert report["stages"]["generate"]["status"] == "complete"
+    assert report["stages"]["fine_tune"]["status"] == "changed"
+    assert {"held_out_loss_after", "win_rate"}.isdisjoint(metric["key"] for metric in report["metrics"])
+
+
+def test_load_result_refuses_a_run_that_did_not_finish(tmp_path):
+    from alpaca_nb.data import DataError
+    from alpaca_nb.train import load_result
+
+    with pytest.raises(DataError, match="the run did not finish"):
+        load_result(tmp_path)
+    (tmp_path / "loss_curve.json").write_text(json.dumps({"loss_curve": []}))
+    with pytest.raises(DataError, match="not a loss_curve.json of this version"):
+        load_result(tmp_path)
