@@ -601,6 +601,16 @@ class EvaluationResults:
     judge: dict[str, Any] | None  # the judge's calibration and its verdicts against text-davinci-003
     lengths: dict[str, float]
 
+    def truthfulqa_result(self) -> Any:
+        """Return the TruthfulQA scores as ``hallucination.truthfulqa_mc`` returned them (None for an endpoint)."""
+        from alpaca_nb.hallucination import TruthfulQAResult, TruthfulQAScore
+
+        t = self.truthfulqa
+        if t is None:
+            return None
+        return TruthfulQAResult(tuple(TruthfulQAScore(**score) for score in t["scores"]), t["mc1"], tuple(t["mc1_ci"]),
+                                t["mc2"], tuple(t["mc2_ci"]), t["of"])
+
 
 def run_evaluation(out_dir: str | os.PathLike, system: str, *, template: str, model: Any = None, tokenizer: Any = None,
                    endpoint: Any = None, instructions: int = 16, max_new_tokens: int = 128,
@@ -633,7 +643,8 @@ def run_evaluation(out_dir: str | os.PathLike, system: str, *, template: str, mo
     if model is not None:
         scored = truthfulqa_mc(model, tokenizer, limit=truthfulqa_questions)
         truthfulqa = {"questions": len(scored.scores), "of": scored.questions_of, "mc1": scored.mc1,
-                      "mc1_ci": list(scored.mc1_ci), "mc2": scored.mc2, "mc2_ci": list(scored.mc2_ci)}
+                      "mc1_ci": list(scored.mc1_ci), "mc2": scored.mc2, "mc2_ci": list(scored.mc2_ci),
+                      "scores": [asdict(score) for score in scored.scores]}
     judged = None
     if judge is not None:
         judged = _judge_summary(judge, system, reference, replies, load_alpaca_eval_annotations(),

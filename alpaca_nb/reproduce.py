@@ -37,19 +37,24 @@ import platform
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from alpaca_nb import __version__
+from alpaca_nb.claims import SOURCE_URL
 from alpaca_nb.data import DataError
 from alpaca_nb.jsonl import write_text_atomically
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 __all__ = [
-    "MANIFEST", "REPORT_SCHEMA", "STAGES", "UNITS", "Provenance", "StageError", "build_report", "environment",
-    "file_sha256", "format_value", "read_manifest", "read_report", "report_figures", "report_html", "report_markdown",
-    "reproduce", "stage_status", "write_report",
+    "EVALUATED_SYSTEM", "MANIFEST", "REPORT_FIGURES", "REPORT_SCHEMA", "STAGES", "UNITS", "Provenance", "StageError",
+    "build_report", "ensure_stage", "environment", "environment_lines", "file_sha256", "format_value", "metrics_frame",
+    "read_manifest", "read_report", "recipe_dir", "report_figure", "report_figures", "report_html", "report_markdown",
+    "reproduce", "run_stages", "stage_status", "stages_frame", "write_report",
 ]
 
 STAGES = ("generate", "sft_data", "fine_tune", "evaluate", "watermark")
@@ -58,6 +63,8 @@ STARTED = "stage-started.json"  # the fingerprint a stage began with: an interru
 MANIFEST_SCHEMA = 1
 REPORT_SCHEMA = 1
 PAPER_MODEL = "text-davinci-003"  # the paper's generation model: tokens are priced at its 2023 rate
+EVALUATED_SYSTEM = "after the fine-tune (Alpaca template)"  # the evaluate stage's system: chapter 5 reads it by name
+WATERMARK_FILE = "watermark.json"  # the detection table the report reads; experiment.json holds every measurement
 
 
 class StageError(DataError):
@@ -152,12 +159,15 @@ class _Run:
     budget_usd: float | None
     spent_usd: float = 0.0
     log: Callable[[str], None] = print
+    statuses: dict[str, tuple] = field(default_factory=dict)  # _status per stage, until a stage runs
 
     def folder(self, stage: str) -> Path:
         return self.out / stage
 
-    def remaining_budget(self) -> float | None:
-        return None if self.budget_usd is None else max(0.0, self.budget_usd - self.spent_usd)
+    def remaining_budget(self, cap: float | None) -> float | None:
+        """Return what a stage may spend: the profile's cap for it, within what is left of the run's budget."""
+        left = None if self.budget_usd is None else max(0.0, self.budget_usd - self.spent_usd)
+        return min((limit for limit in (left, cap) if limit is not None), default=None)
 
 
 def _ledger_outcome(path: Path, note: str) -> StageOutcome:
@@ -174,7 +184,8 @@ def _generate(run: _Run, folder: Path) -> StageOutcome:
 
     profile, funnel = run.profile, live_funnel(run.profile)
     with teacher_endpoint(profile) as teacher:
-        report = generate(teacher, profile.generate_instructions, folder, budget_usd=run.remaining_budget(),
+        report = generate(teacher, profile.generate_instructions, folder,
+                          budget_usd=run.remaining_budget(profile.generate_budget_usd),
                           concurrency=profile.generate_concurrency, sampling=funnel.sampling,
                           constraint=funnel.constraint, max_requests=profile.generate_max_requests)
     return _ledger_outcome(folder / "ledger.jsonl", f"kept {report.kept} from {report.requests} requests "
@@ -185,25 +196,20 @@ def _sft_data(run: _Run, folder: Path) -> StageOutcome:
     from alpaca_nb.selfinstruct import kept_records
     from alpaca_nb.train import book_training_data
 
-    data = book_training_data(run.profile, kept_records(run.folder("generate")), folder)
-    write_text_atomically(folder / "mix.json", json.dumps({
-        "summary": data.mix.summary(), "generated": data.mix.generated, "real": data.mix.real,
-        "real_source": data.mix.real_source, "empty_outputs": data.mix.empty_outputs,
-        "looping_outputs": data.mix.looping_outputs, "held_out": len(data.held_out)}, indent=1) + "\n")
+    data = book_training_data(run.profile, kept_records(run.folder("generate")), folder)  # with its mix.json
     return StageOutcome(note=data.mix.summary())
 
 
 def _fine_tune(run: _Run, folder: Path) -> StageOutcome:
-    from alpaca_nb.train import last_checkpoint, profile_config, train
+    from alpaca_nb.train import last_checkpoint, profile_config, read_book_data, train
 
-    config = profile_config(run.profile, str(folder / "run"))
-    mix = json.loads((run.folder("sft_data") / "mix.json").read_text(encoding="utf-8"))
-    config = replace(config, data=str(run.folder("sft_data") / "training_data.json"), n_examples=None,
-                     n_eval_examples=mix["held_out"], resume=last_checkpoint(config.output_dir) is not None)
+    config = profile_config(run.profile, str(folder / "run"), read_book_data(run.folder("sft_data")))
+    config = replace(config, resume=last_checkpoint(config.output_dir) is not None)
     result = train(config)
     if result.interrupted:
         raise StageError(f"{folder}: the fine-tune stopped before its last step")
-    return StageOutcome(result.data_report.total_tokens, 0.0, _finetune_usd_paper_rates(result, config.epochs),
+    epochs = result.global_step * config.global_batch_size / max(1, result.data_report.kept)  # max_steps may cut it
+    return StageOutcome(result.data_report.total_tokens, 0.0, _finetune_usd_paper_rates(result, epochs),
                         f"{result.global_step} steps, held-out loss {result.eval_loss_before:.3f} -> "
                         f"{result.eval_loss_after:.3f}" if result.eval_loss_after is not None else "")
 
@@ -232,11 +238,11 @@ def _evaluate(run: _Run, folder: Path) -> StageOutcome:
     model, tokenizer = _load_tuned(run)
     with judge_endpoint(profile) as judge:
         results = run_evaluation(
-            folder, "alpaca_nb fine-tune", template="alpaca", model=model, tokenizer=tokenizer,
+            folder, EVALUATED_SYSTEM, template="alpaca", model=model, tokenizer=tokenizer,
             instructions=profile.eval_instructions, max_new_tokens=profile.eval_max_new_tokens,
             probe_max_new_tokens=profile.probe_max_new_tokens, truthfulqa_questions=profile.truthfulqa_questions,
             judge=judge, judge_calibration_pairs=profile.judge_calibration_pairs,
-            judge_budget_usd=run.remaining_budget(), concurrency=profile.generate_concurrency)
+            judge_budget_usd=run.remaining_budget(profile.judge_budget_usd), concurrency=profile.generate_concurrency)
     return _ledger_outcome(folder / "ledger.jsonl", f"{len(results.replies)} replies judged by "
                                                     f"{(results.judge or {}).get('judge', 'no judge')}")
 
@@ -253,9 +259,10 @@ def _watermark(run: _Run, folder: Path) -> StageOutcome:
     experiment = safety.run_watermark_experiment(model, tokenizer, prompts,
                                                  lengths=safety.detection_lengths(profile.watermark_max_tokens),
                                                  add_special_tokens=True)
+    safety.write_experiment(experiment, folder / safety.EXPERIMENT_FILE)  # chapter 6 reads every measurement
     table = safety.detection_table(experiment)
     rows = {int(length): {key: float(value) for key, value in row.items()} for length, row in table.iterrows()}
-    write_text_atomically(folder / "watermark.json", json.dumps({
+    write_text_atomically(folder / WATERMARK_FILE, json.dumps({
         "texts": len(prompts), "temperature": experiment.temperature, "threshold_z": experiment.threshold,
         "by_length": rows}, indent=1) + "\n")
     return StageOutcome(note=f"{len(prompts)} prompts, {profile.watermark_max_tokens} tokens each")
@@ -273,11 +280,13 @@ def _settings(stage: str, profile: Any) -> dict[str, Any]:
     """Return the profile settings a stage depends on: a change to any of them reruns it."""
     keys = {
         "generate": ("teacher_base_url", "teacher_model", "generate_instructions", "generate_max_requests",
-                     "generate_max_tokens", "generate_temperature", "generate_format", "generate_concurrency"),
+                     "generate_max_tokens", "generate_temperature", "generate_format", "generate_concurrency",
+                     "generate_budget_usd"),
         "sft_data": ("finetune_asset", "finetune_examples", "finetune_eval_examples"),
         "fine_tune": ("base_model", "finetune_max_steps"),
         "evaluate": ("eval_instructions", "eval_max_new_tokens", "probe_max_new_tokens", "eval_probes",
-                     "truthfulqa_questions", "judge_base_url", "judge_model", "judge_calibration_pairs"),
+                     "truthfulqa_questions", "judge_base_url", "judge_model", "judge_calibration_pairs",
+                     "judge_budget_usd"),
         "watermark": ("watermark_prompts", "watermark_max_tokens"),
     }[stage]
     return {key: getattr(profile, key) for key in keys}
@@ -300,13 +309,19 @@ def _inputs(stage: str, run: _Run) -> dict[str, str]:
 
 
 def _status(stage: str, run: _Run) -> tuple[str, dict[str, str], dict[str, Any], str]:
-    """Return the stage's status ("waiting" while an earlier stage is not complete), inputs, settings, fingerprint."""
-    settings = _settings(stage, run.profile)
-    if any(_status(previous, run)[0] != "complete" for previous in _PREVIOUS.get(stage, ())):
-        return "waiting", {}, settings, ""
-    inputs = _inputs(stage, run)
-    fingerprint = _fingerprint(inputs, settings)
-    return stage_status(run.folder(stage), fingerprint), inputs, settings, fingerprint
+    """Return the stage's status ("waiting" while an earlier stage is not complete), inputs, settings, fingerprint.
+
+    Computed once per stage until a stage runs: hashing the inputs (a whole model for the later stages) is the
+    expensive part."""
+    if stage not in run.statuses:
+        settings = _settings(stage, run.profile)
+        if any(_status(previous, run)[0] != "complete" for previous in _PREVIOUS.get(stage, ())):
+            run.statuses[stage] = ("waiting", {}, settings, "")
+        else:
+            inputs = _inputs(stage, run)
+            fingerprint = _fingerprint(inputs, settings)
+            run.statuses[stage] = (stage_status(run.folder(stage), fingerprint), inputs, settings, fingerprint)
+    return run.statuses[stage]
 
 
 def _run_stage(stage: str, run: _Run) -> Provenance:
@@ -332,8 +347,42 @@ def _run_stage(stage: str, run: _Run) -> Provenance:
                             round(time.perf_counter() - started, 1), outcome.tokens, outcome.usd,
                             outcome.usd_paper_rates, outcome.note)
     write_text_atomically(folder / MANIFEST, json.dumps(asdict(provenance), indent=1) + "\n")
+    run.statuses.clear()  # the later stages' inputs are this one's outputs
     run.log(f"{stage}: done in {provenance.wall_seconds:.0f} s. {outcome.note}")
     return provenance
+
+
+def run_stages(profile: Any, out: str | os.PathLike, stages: Sequence[str] = STAGES, *,
+               budget_usd: float | None = None, log: Callable[[str], None] = print) -> dict[str, Provenance]:
+    """Run ``stages`` into ``out`` in the recipe's order (skipping complete ones, resuming interrupted ones);
+    return each one's provenance. ``budget_usd`` caps the dollars of them all together."""
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; the stages: {', '.join(STAGES)}")
+    run = _Run(profile, Path(out), budget_usd, log=log)
+    run.out.mkdir(parents=True, exist_ok=True)
+    done = {}
+    for stage in (stage for stage in STAGES if stage in stages):
+        done[stage] = _run_stage(stage, run)
+        run.spent_usd += done[stage].usd
+    return done
+
+
+def recipe_dir(profile: Any) -> Path:
+    """Return the profile's recipe folder in the user cache: the book's chapters run their stages there, and
+    its last page reports on them."""
+    return profile.run_dir("recipe")
+
+
+def ensure_stage(profile: Any, stage: str, *, log: Callable[[str], None] | None = None) -> Path:
+    """Return ``stage``'s folder in the profile's recipe folder, first running it and every earlier stage it
+    needs, each only if it is not complete for its inputs: how the chapters share their work."""
+    needed, pending = [], [stage]
+    while pending:
+        needed.append(pending.pop())
+        pending += _PREVIOUS.get(needed[-1], ())
+    run_stages(profile, recipe_dir(profile), needed, log=log or (lambda line: None))
+    return recipe_dir(profile) / stage
 
 
 def reproduce(profile: Any, out: str | os.PathLike, *, budget_usd: float | None = None,
@@ -341,18 +390,10 @@ def reproduce(profile: Any, out: str | os.PathLike, *, budget_usd: float | None 
     """Run the recipe's stages into ``out`` (skipping finished ones, resuming interrupted ones), then write the
     report card; returns ``report.json``'s content. ``stages`` runs only those; the others must be finished
     to report them (a stage that has not run is reported as such)."""
-    chosen = list(STAGES if stages is None else stages)
-    unknown = [stage for stage in chosen if stage not in STAGES]
-    if unknown:
-        raise ValueError(f"unknown stage(s) {', '.join(unknown)}; the stages: {', '.join(STAGES)}")
-    run = _Run(profile, Path(out), budget_usd, log=log)
-    run.out.mkdir(parents=True, exist_ok=True)
-    for stage in STAGES:
-        if stage in chosen:
-            run.spent_usd += _run_stage(stage, run).usd
-    report = build_report(run.out, profile)
-    write_report(report, run.out)
-    log(f"report card: {run.out / 'report.md'} and report.html")
+    run_stages(profile, out, STAGES if stages is None else stages, budget_usd=budget_usd, log=log)
+    report = build_report(out, profile)
+    write_report(report, out)
+    log(f"report card: {Path(out) / 'report.md'} and report.html")
     return report
 
 
@@ -404,8 +445,6 @@ UNITS = ("count", "share", "loss", "usd", "hours", "tokens/s")
 
 def _metric(key: str, label: str, unit: str, ours: float | None, paper: str | None = None,
             interval: Sequence[float] | None = None, source: str | None = None) -> dict[str, Any]:
-    from alpaca_nb.claims import SOURCE_URL
-
     assert unit in UNITS, unit
     return {"key": key, "label": label, "unit": unit, "ours": ours,
             "interval": list(interval) if interval is not None else None,
@@ -462,7 +501,7 @@ def build_report(out: str | os.PathLike, profile: Any) -> dict[str, Any]:
     if done["evaluate"]:
         metrics += _evaluation_metrics(out / "evaluate")
     if done["watermark"]:
-        watermark = json.loads((out / "watermark" / "watermark.json").read_text(encoding="utf-8"))
+        watermark = json.loads((out / "watermark" / WATERMARK_FILE).read_text(encoding="utf-8"))
         longest = max(watermark["by_length"], key=int)
         row = watermark["by_length"][longest]
         metrics += [
@@ -526,7 +565,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     """Return the report card as Markdown: stages (time, tokens, dollars), metrics beside the paper, environment."""
     kind = "smoke-size " if report["smoke"] else ""
     lines = [f"# Alpaca reproduced: report card ({report['profile']} profile, {kind}run)", "",
-             f"Written {report['created']}. The paper's figures are the release's ({_paper_url()}); ours come from "
+             f"Written {report['created']}. The paper's figures are the release's ({SOURCE_URL}); ours come from "
              "this run" + (" of the embedded 135M model, offline: not comparable in size to LLaMA-7B" if
                            report["profile"] == "laptop" else "") + ".", "",
              "## Stages", "", "| stage | wall time | tokens | dollars spent | at the paper's 2023 rates | note |",
@@ -544,44 +583,80 @@ def report_markdown(report: dict[str, Any]) -> str:
         unit = metric["unit"]
         interval = "" if metric["interval"] is None else " to ".join(format_value(v, unit) for v in metric["interval"])
         lines.append(f"| {metric['label']} | {format_value(metric['ours'], unit)} | {interval} | {metric['paper'] or '-'} |")
-    env = report["environment"]
-    packages = ", ".join(f"{name} {ver}" for name, ver in env["packages"].items() if ver)
-    lines += ["", "## Environment", "", f"- profile: {env['profile']}; git commit: {env['git_commit'] or 'not a checkout'}",
-              f"- python {env['python']} on {env['platform']}", f"- CPU: {env['cpu']} ({env['cpu_count']} cores); "
-              f"GPU: {env['gpu'] or 'none'}", f"- packages: {packages}", ""]
+    lines += ["", "## Environment", "", *(f"- {line}" for line in environment_lines(report["environment"])), ""]
     return "\n".join(lines)
 
 
-def _paper_url() -> str:
-    from alpaca_nb.claims import SOURCE_URL
+def environment_lines(env: dict[str, Any]) -> list[str]:
+    """Return the report's environment as lines of text: profile and commit, python, CPU and GPU, packages."""
+    packages = ", ".join(f"{name} {ver}" for name, ver in env["packages"].items() if ver)
+    return [f"profile: {env['profile']}; git commit: {env['git_commit'] or 'not a checkout'}",
+            f"python {env['python']} on {env['platform']}",
+            f"CPU: {env['cpu']} ({env['cpu_count']} cores); GPU: {env['gpu'] or 'none'}", f"packages: {packages}"]
 
-    return SOURCE_URL
+
+def stages_frame(report: dict[str, Any]) -> "pd.DataFrame":
+    """Return the report's stages as a table: status, wall time, tokens, dollars spent and at the paper's rates."""
+    import pandas as pd
+
+    rows = {}
+    for stage, info in report["stages"].items():
+        complete = info["status"] == "complete"
+        rows[stage] = {
+            "status": "complete" if complete else _STATUS_WORDS[info["status"]],
+            "wall time": f"{info['wall_seconds']:.0f} s" if complete else "",
+            "tokens": f"{info['tokens']:,}" if complete and info["tokens"] is not None else "",
+            "dollars spent": format_value(info["usd"], "usd") if complete else "",
+            "at the paper's 2023 rates": format_value(info["usd_paper_rates"], "usd")
+            if complete and info["usd_paper_rates"] is not None else "",
+            "note": info.get("note", ""),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("stage")
 
 
-def report_figures(report: dict[str, Any]) -> list[tuple[str, Any]]:
-    """Return (caption, matplotlib figure) for the loss curve and the generation funnel, where the run has them."""
+def metrics_frame(report: dict[str, Any]) -> "pd.DataFrame":
+    """Return the report's metrics as a table: ours (with its 95 % interval) beside the paper's figure."""
+    import pandas as pd
+
+    rows = []
+    for metric in report["metrics"]:
+        unit = metric["unit"]
+        interval = "" if metric["interval"] is None else " to ".join(format_value(v, unit) for v in metric["interval"])
+        rows.append({"metric": metric["label"], "ours": format_value(metric["ours"], unit), "95 % interval": interval,
+                     "the paper": metric["paper"] or "-"})
+    return pd.DataFrame(rows, columns=["metric", "ours", "95 % interval", "the paper"]).set_index("metric")
+
+
+REPORT_FIGURES = ("generation_funnel", "loss_curve")
+
+
+def report_figure(report: dict[str, Any], key: str) -> tuple[str, Any] | None:
+    """Return (caption, matplotlib figure) for one of ``REPORT_FIGURES``, or None when the run lacks its data."""
     import matplotlib.pyplot as plt
 
-    figures = []
-    if report["loss_curve"]:
-        figure, axis = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
+    if not report[key]:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
+    if key == "loss_curve":
         steps, losses = zip(*report["loss_curve"])
         axis.plot(steps, losses, marker="o", markersize=3)
         axis.set_xlabel("optimizer step")
         axis.set_ylabel("training loss (each step's batch)")
         axis.set_title("Fine-tune loss curve")
-        figures.append(("The fine-tune's training loss per optimizer step.", figure))
-    if report["generation_funnel"]:
-        funnel = report["generation_funnel"]
-        figure, axis = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
-        bars = axis.bar(list(funnel), [max(count, 0.8) for count in funnel.values()], color="#66c2a5")
-        axis.bar_label(bars, labels=[f"{count:,}" for count in funnel.values()])
-        axis.set_yscale("log")
-        axis.set_ylim(0.7, None)
-        axis.set_ylabel("task blocks (log scale)")
-        axis.set_title("Generation funnel")
-        figures.append(("Where the generated task blocks went: parsed, passed upstream's filters, kept.", figure))
-    return figures
+        return "The fine-tune's training loss per optimizer step (each point a different batch).", figure
+    funnel = report["generation_funnel"]
+    bars = axis.bar(list(funnel), [max(count, 0.8) for count in funnel.values()], color="#66c2a5")
+    axis.bar_label(bars, labels=[f"{count:,}" for count in funnel.values()])
+    axis.set_yscale("log")
+    axis.set_ylim(0.7, None)
+    axis.set_ylabel("task blocks (log scale)")
+    axis.set_title("Generation funnel")
+    return "Where the generated task blocks went: parsed, passed upstream's filters, kept.", figure
+
+
+def report_figures(report: dict[str, Any]) -> dict[str, tuple[str, Any]]:
+    """Return every figure the run has data for: {key: (caption, figure)}."""
+    return {key: figure for key in REPORT_FIGURES if (figure := report_figure(report, key)) is not None}
 
 
 def report_html(report: dict[str, Any]) -> str:
@@ -591,7 +666,7 @@ def report_html(report: dict[str, Any]) -> str:
     import matplotlib.pyplot as plt
 
     body = [f"<pre>{html.escape(report_markdown(report))}</pre>"]
-    for caption, figure in report_figures(report):
+    for caption, figure in report_figures(report).values():
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=100)
         plt.close(figure)

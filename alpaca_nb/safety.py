@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 import tomllib
@@ -53,8 +54,10 @@ __all__ = [
     "perplexity",
     "profile_filter",
     "plot_watermark",
+    "read_experiment",
     "run_watermark_experiment",
     "watermarking_config",
+    "write_experiment",
 ]
 
 GAMMA = 0.25          # the paper's green-list fraction
@@ -63,6 +66,7 @@ DETECTION_Z = 4.0     # the paper's threshold (transformers defaults to 3)
 SEEDING_SCHEME = "lefthash"
 MODERATION_MODEL = "omni-moderation-latest"
 OFFENSIVE_THRESHOLD = 0.5  # alt-profanity-check's own decision boundary (its ``predict``)
+EXPERIMENT_FILE = "experiment.json"  # a watermark experiment as the recipe's watermark stage writes it
 
 
 class ModerationError(ValueError):
@@ -423,6 +427,34 @@ def run_watermark_experiment(
         tuple(perplexity(model, g) for g in texts[True]), tuple(perplexity(model, g) for g in texts[False]),
         temperature, time.perf_counter() - started,
     )
+
+
+def write_experiment(experiment: WatermarkExperiment, path: str | os.PathLike) -> None:
+    """Write ``experiment`` as JSON (texts with their token ids, every z-score, the perplexities)."""
+    from dataclasses import asdict
+
+    from alpaca_nb.jsonl import write_text_atomically
+
+    write_text_atomically(path, json.dumps(asdict(experiment), ensure_ascii=False) + "\n")
+
+
+def read_experiment(path: str | os.PathLike) -> WatermarkExperiment:
+    """Return the experiment ``write_experiment`` wrote to ``path``."""
+    from alpaca_nb.data import DataError
+
+    try:
+        raw = json.loads(open(path, encoding="utf-8").read())
+        texts = {key: tuple(Generation(item["prompt"], tuple(item["prompt_ids"]), tuple(item["token_ids"]),
+                                       item["text"], item["watermarked"]) for item in raw[key])
+                 for key in ("marked", "plain")}
+        by_length = {key: {int(n): tuple(z) for n, z in raw[key].items()} for key in ("z_marked", "z_plain")}
+        return WatermarkExperiment(
+            texts["marked"], texts["plain"], by_length["z_marked"], by_length["z_plain"],
+            {float(fraction): tuple(z) for fraction, z in raw["attack_z"].items()},
+            tuple(raw["perplexity_marked"]), tuple(raw["perplexity_plain"]), raw["temperature"], raw["seconds"],
+            raw["threshold"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        raise DataError(f"{path}: not a watermark experiment ({type(error).__name__}: {error})") from None
 
 
 def detection_table(experiment: WatermarkExperiment) -> "pd.DataFrame":

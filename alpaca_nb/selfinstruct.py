@@ -652,8 +652,10 @@ def book_funnels(profile: Any) -> list[Funnel]:
 
 
 def book_main_run(profile: Any) -> Path:
-    """Return the folder of chapter 2's live run, which chapters 3 and 4 read."""
-    return profile.run_dir("self-instruct") / "live"
+    """Return the folder of chapter 2's live run, which chapters 3 and 4 read: the recipe's ``generate`` stage."""
+    from alpaca_nb.reproduce import recipe_dir
+
+    return recipe_dir(profile) / "generate"
 
 
 def live_funnel(profile: Any) -> Funnel:
@@ -673,40 +675,38 @@ class BookGeneration:
     compare_seconds: float  # the other funnels, on the live run's first prompts
 
 
-def run_book_generation(profile: Any, teacher: Endpoint) -> BookGeneration:
-    """Run chapter 2 afresh: the live run (the profile's funnel) to ``generate_instructions`` kept or
-    ``generate_max_requests``, then every other funnel for ``generate_compare_requests`` requests on the same
-    prompts. The live funnel's column is the live run's first requests: prompts depend only on the request
-    number, so nothing is asked twice.
+def run_book_generation(profile: Any) -> BookGeneration:
+    """Run chapter 2 afresh: the live run (the recipe's ``generate`` stage, the profile's funnel) to
+    ``generate_instructions`` kept or ``generate_max_requests``, then every other funnel for
+    ``generate_compare_requests`` requests on the same prompts. The live funnel's column is the live run's first
+    requests (prompts depend only on the request number, so nothing is asked twice), continued in that column's
+    own folder when the live run reached its target sooner.
     """
+    from alpaca_nb.reproduce import ensure_stage
+
     root = profile.run_dir("self-instruct")
-    shutil.rmtree(root, ignore_errors=True)  # every build measures afresh
+    for folder in (root, book_main_run(profile)):  # every build measures afresh
+        shutil.rmtree(folder, ignore_errors=True)
     live = live_funnel(profile)
     started = time.perf_counter()
-    report = generate(teacher, profile.generate_instructions, book_main_run(profile),
-                      budget_usd=profile.generate_budget_usd, concurrency=profile.generate_concurrency,
-                      sampling=live.sampling, constraint=live.constraint, max_requests=profile.generate_max_requests,
-                      progress=False)
-    if report.requests < profile.generate_compare_requests:  # the target came sooner: ask the comparison's prompts
-        generate(teacher, 10**9, book_main_run(profile), budget_usd=profile.generate_budget_usd,
-                 concurrency=profile.generate_concurrency, sampling=live.sampling, constraint=live.constraint,
-                 max_requests=profile.generate_compare_requests, progress=False)
+    ensure_stage(profile, "generate")
     live_seconds = time.perf_counter() - started
     copy_first_requests(book_main_run(profile), root / live.folder, profile.generate_compare_requests)
+    funnels = book_funnels(profile)
 
-    def compare(funnel: Funnel) -> None:
-        generate(teacher.copy(), 10**9, root / funnel.folder, budget_usd=profile.generate_budget_usd,
+    def compare(funnel: Funnel, teacher: Endpoint) -> None:
+        generate(teacher, 10**9, root / funnel.folder, budget_usd=profile.generate_budget_usd,
                  concurrency=profile.generate_concurrency, sampling=funnel.sampling, constraint=funnel.constraint,
                  max_requests=profile.generate_compare_requests, progress=False)
 
-    # The other funnels run side by side, sharing the server's slots; each has its own folder, ledger and hook.
-    others = [funnel for funnel in book_funnels(profile) if funnel != live]
+    # The funnels run side by side, sharing the server's slots; each has its own folder, ledger and hook. The
+    # live funnel's column asks only what its copy lacks.
     started = time.perf_counter()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(others)) as pool:
-        for done in [pool.submit(compare, funnel) for funnel in others]:
+    with teacher_endpoint(profile) as teacher, concurrent.futures.ThreadPoolExecutor(len(funnels)) as pool:
+        for done in [pool.submit(compare, funnel, teacher.copy()) for funnel in funnels]:
             done.result()
-    return BookGeneration({funnel.name: root / funnel.folder for funnel in book_funnels(profile)},
-                          book_main_run(profile), live_seconds, time.perf_counter() - started)
+    return BookGeneration({funnel.name: root / funnel.folder for funnel in funnels}, book_main_run(profile),
+                          live_seconds, time.perf_counter() - started)
 
 
 def copy_first_requests(run: str | os.PathLike, out_dir: str | os.PathLike, requests: int) -> Path:
@@ -727,12 +727,14 @@ def copy_first_requests(run: str | os.PathLike, out_dir: str | os.PathLike, requ
 
 
 def ensure_book_generation(profile: Any) -> Path:
-    """Return chapter 2's live-run folder, running chapter 2's generation first if any of its runs is not there
-    (chapter 3 executed on its own)."""
-    folders = [book_main_run(profile), *(profile.run_dir("self-instruct") / funnel.folder for funnel in book_funnels(profile))]
-    if not all((folder / "requests.jsonl").is_file() for folder in folders):
-        with teacher_endpoint(profile) as teacher:
-            return run_book_generation(profile, teacher).live_run
+    """Return chapter 2's live-run folder, running chapter 2's generation first if the live run is not complete
+    or a funnel's run is not there (chapter 3 executed on its own)."""
+    from alpaca_nb.reproduce import MANIFEST
+
+    funnel_folders = [profile.run_dir("self-instruct") / funnel.folder for funnel in book_funnels(profile)]
+    if not ((book_main_run(profile) / MANIFEST).is_file()
+            and all((folder / "requests.jsonl").is_file() for folder in funnel_folders)):
+        return run_book_generation(profile).live_run
     return book_main_run(profile)
 
 

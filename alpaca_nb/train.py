@@ -39,13 +39,15 @@ from alpaca_nb.sft import DataMix, SFTReport, build_dataset, ensure_pad_token, e
 __all__ = [
     "LOSS_CURVE_FILE", "BookData", "TrainConfig", "TrainConfigError", "TrainResult", "book_training_data",
     "fsdp_units", "gradient_accumulation_steps", "last_checkpoint", "laptop_config", "load_result", "main", "peft_available", "plot_loss_curve",
-    "profile_config", "train", "training_arguments", "training_records", "upstream_config", "world_size",
+    "profile_config", "read_book_data", "train", "training_arguments", "training_records", "upstream_config", "world_size",
 ]
 
 logger = logging.getLogger("alpaca_nb.train")  # the same name under `python -m`
 
 LOSS_CURVE_FILE = "loss_curve.json"
 FINAL_DIR = "final"
+TRAINING_DATA_FILE = "training_data.json"  # the Stanford JSON a profile's fine-tune trains on ...
+MIX_FILE = "mix.json"  # ... and how it was mixed (book_training_data, read_book_data)
 LORA_LEARNING_RATE = 3e-4  # alpaca-lora's (tloen/alpaca-lora finetune.py), with r=8, alpha=16, q_proj/v_proj
 LAPTOP_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -181,13 +183,37 @@ def book_training_data(profile, generated: Sequence[Any], folder: str | os.PathL
     split = len(real) - profile.finetune_eval_examples
     mix = mix_records(generated, real[:split], profile.finetune_examples, profile.finetune_asset)
     held_out = tuple(real[split:])
-    path = export_stanford_json([*mix.records, *held_out], Path(folder) / "training_data.json")
+    path = export_stanford_json([*mix.records, *held_out], Path(folder) / TRAINING_DATA_FILE)
+    write_text_atomically(Path(folder) / MIX_FILE, json.dumps({
+        "summary": mix.summary(), "generated": mix.generated, "real": mix.real, "real_source": mix.real_source,
+        "empty_outputs": mix.empty_outputs, "looping_outputs": mix.looping_outputs, "held_out": len(held_out)},
+        indent=1) + "\n")
     return BookData(mix, held_out, path)
 
 
 def book_fine_tune_dir(profile) -> Path:
-    """Return the folder of chapter 4's fine-tune, whose final model chapter 5 evaluates."""
-    return profile.run_dir("fine-tune")
+    """Return the run folder of chapter 4's fine-tune (the recipe's ``fine_tune`` stage), whose final model
+    chapters 5 and 6 use."""
+    from alpaca_nb.reproduce import recipe_dir
+
+    return recipe_dir(profile) / "fine_tune" / "run"
+
+
+def read_book_data(folder: str | os.PathLike) -> BookData:
+    """Return the data ``book_training_data`` wrote to ``folder`` (the recipe's ``sft_data`` stage)."""
+    from alpaca_nb.data import DataError
+
+    path, mix_path = Path(folder) / TRAINING_DATA_FILE, Path(folder) / MIX_FILE
+    try:
+        mix = json.loads(mix_path.read_text(encoding="utf-8"))
+        records = load_alpaca_data(path)
+        mixed = mix["generated"] + mix["real"]
+        if mixed + mix["held_out"] != len(records):
+            raise DataError(f"{path}: {len(records)} records, {mix_path} says {mixed} mixed + {mix['held_out']} held out")
+        return BookData(DataMix(tuple(records[:mixed]), mix["generated"], mix["real"], mix["real_source"],
+                                mix["empty_outputs"], mix["looping_outputs"]), tuple(records[mixed:]), path)
+    except (OSError, json.JSONDecodeError, KeyError) as error:
+        raise DataError(f"{folder}: not a finished training-data folder ({type(error).__name__}: {error})") from None
 
 
 @dataclass(frozen=True)
@@ -198,25 +224,22 @@ class BookFineTune:
 
 
 def run_book_fine_tune(profile) -> BookFineTune:
-    """Run chapter 4's fine-tune afresh (chapter 2's kept records topped up with real ones) in its book folder."""
-    import shutil
+    """Return chapter 4's fine-tune: the recipe's ``sft_data`` and ``fine_tune`` stages in the profile's recipe
+    folder (chapter 2's kept records topped up with real ones), each run unless it is complete for its inputs."""
+    from alpaca_nb.reproduce import ensure_stage, recipe_dir
 
-    from alpaca_nb.selfinstruct import ensure_book_generation, kept_records
-
-    folder = book_fine_tune_dir(profile)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    data = book_training_data(profile, kept_records(ensure_book_generation(profile)), folder)
-    config = profile_config(profile, str(folder / "run"), data)
-    return BookFineTune(data, config, train(config))
+    ensure_stage(profile, "fine_tune")
+    data = read_book_data(recipe_dir(profile) / "sft_data")
+    config = profile_config(profile, str(book_fine_tune_dir(profile)), data)
+    return BookFineTune(data, config, load_result(config.output_dir))
 
 
 def ensure_book_fine_tune(profile) -> Path:
-    """Return chapter 4's fine-tuned model folder, running chapter 4's fine-tune first if it is not there."""
-    final = book_fine_tune_dir(profile) / "run" / FINAL_DIR
-    if not (final / "config.json").is_file():
-        run_book_fine_tune(profile)
-    return final
+    """Return chapter 4's fine-tuned model folder, running the recipe's stages up to the fine-tune if needed."""
+    from alpaca_nb.reproduce import ensure_stage
+
+    ensure_stage(profile, "fine_tune")
+    return book_fine_tune_dir(profile) / FINAL_DIR
 
 
 def profile_config(profile, output_dir: str, data: BookData | None = None) -> TrainConfig:

@@ -44,7 +44,7 @@ def test_unknown_profile_lists_the_choices(monkeypatch):
 def test_as_rows_says_what_an_unset_setting_means():
     rows = dict(load_profile("laptop").as_rows())
     assert rows["chat_model"] == "the embedded SmolLM2-135M-Instruct" and rows["judge_budget_usd"] == "no cap"
-    assert rows["truthfulqa_questions"] == "200"
+    assert rows["truthfulqa_questions"] == "100"
 
 
 def test_a_setting_left_out_is_none_and_every_optional_setting_says_what_none_means():

@@ -87,7 +87,53 @@ def test_an_empty_folder_reports_every_stage_as_not_run(tmp_path):
         "generate": "new", **{stage: "waiting" for stage in STAGES[1:]}}
     text = report_markdown(report)
     assert "| generate | not run |" in text and "| fine_tune | waiting for an earlier stage |" in text
+    from alpaca_nb.reproduce import metrics_frame, stages_frame
+
+    assert dict(stages_frame(report)["status"]) == {"generate": "not run",
+                                                    **{stage: "waiting for an earlier stage" for stage in STAGES[1:]}}
+    assert metrics_frame(report).empty and list(metrics_frame(report).columns) == ["ours", "95 % interval", "the paper"]
     assert report["environment"]["packages"]["torch"] and report["environment"]["cpu"]
+
+
+def test_ensure_stage_runs_only_what_is_missing_before_it_and_reruns_what_changed(tmp_path, monkeypatch):
+    """How the chapters share stages: the stage runners are replaced by recorders that write the files the next
+    stage hashes (the real runners are exercised by the smoke recipe below)."""
+    from alpaca_nb import reproduce as module
+
+    monkeypatch.setenv("ALPACA_NB_CACHE_DIR", str(tmp_path))
+    profile = load_profile("laptop", smoke=True)
+    outputs = {"generate": "generated.jsonl", "sft_data": "training_data.json", "fine_tune": "run/final/model.bin"}
+    ran = []
+
+    def recorder(stage):
+        def run(_run, folder):
+            ran.append(stage)
+            path = folder / outputs.get(stage, "result.json")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{stage}, run {len(ran)}")  # new content each time: the next stage sees a change
+            return module.StageOutcome(note=f"{stage} ran")
+        return run
+
+    monkeypatch.setattr(module, "_RUNNERS", {stage: recorder(stage) for stage in STAGES})
+    assert module.ensure_stage(profile, "fine_tune") == module.recipe_dir(profile) / "fine_tune"
+    assert ran == ["generate", "sft_data", "fine_tune"]
+    module.ensure_stage(profile, "watermark")
+    assert ran[3:] == ["watermark"]  # not evaluate: the watermark needs only the fine-tune
+    (module.recipe_dir(profile) / "generate" / "generated.jsonl").write_text("another run")
+    module.ensure_stage(profile, "fine_tune")
+    assert ran[4:] == ["sft_data", "fine_tune"]  # generate is still complete; its output changed
+    assert module._status("watermark", module._Run(profile, module.recipe_dir(profile), None))[0] == "changed"
+
+
+def test_a_stage_may_spend_the_profiles_cap_within_what_is_left_of_the_runs_budget(tmp_path):
+    from alpaca_nb.reproduce import _Run
+
+    profile = load_profile("laptop")
+    assert _Run(profile, tmp_path, None).remaining_budget(None) is None
+    assert _Run(profile, tmp_path, None).remaining_budget(2.0) == 2.0
+    assert _Run(profile, tmp_path, 1.0, spent_usd=0.25).remaining_budget(2.0) == 0.75
+    assert _Run(profile, tmp_path, 1.0, spent_usd=0.25).remaining_budget(0.5) == 0.5
+    assert _Run(profile, tmp_path, 1.0, spent_usd=3.0).remaining_budget(None) == 0.0
 
 
 def test_values_are_printed_by_their_unit():
@@ -180,6 +226,18 @@ def test_smoke_recipe_killed_inside_a_stage_and_between_stages_then_resumed(tmp_
     assert provenance.inputs["seed_tasks"] and provenance.settings["teacher_model"] == "smollm2-135m-instruct"
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 2 and "Metrics beside the paper" in html
+    # What chapters 5 and 6 and the book's last page read back from the stages.
+    from alpaca_nb.evaluate import read_evaluation
+    from alpaca_nb.reproduce import metrics_frame, stages_frame
+    from alpaca_nb.safety import EXPERIMENT_FILE, detection_table, read_experiment
+
+    assert list(stages_frame(report)["status"]) == ["complete"] * len(STAGES)
+    assert metrics_frame(report).loc[metrics["win_rate"]["label"], "the paper"].startswith("50.3%")
+    experiment = read_experiment(out / "watermark" / EXPERIMENT_FILE)
+    assert (detection_table(experiment).loc[max(experiment.z_marked), "detected (true positives)"]
+            == metrics["watermark_detection"]["ours"])
+    truthfulqa = read_evaluation(out / "evaluate").truthfulqa_result()
+    assert truthfulqa.mc1 == metrics["truthfulqa_mc1"]["ours"] and len(truthfulqa.scores) == 2
 
     # 4. A changed setting reruns its stage, and the stages after it are reported out of date.
     changed = replace(load_profile("laptop", smoke=True), finetune_examples=12)

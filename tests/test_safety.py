@@ -243,3 +243,17 @@ def test_watermark_experiment_tables_and_figure(embedded):
     assert len(experiment.perplexity_marked) == 4 and min(experiment.perplexity_plain) > 1
     figure = plot_watermark(experiment)
     assert [axis.get_xlabel() for axis in figure.axes] == ["z-score of the first 64 tokens", "false-positive rate"]
+
+
+def test_a_watermark_experiment_reads_back_as_written(tmp_path):
+    from alpaca_nb.data import DataError
+    from alpaca_nb.safety import Generation, WatermarkExperiment, read_experiment, write_experiment
+
+    texts = tuple(Generation("p", (1, 2), (3, 4, 5), "t", marked) for marked in (True, False))
+    experiment = WatermarkExperiment(texts[:1], texts[1:], {25: (4.5,), 200: (9.1,)}, {25: (0.2,), 200: (-0.4,)},
+                                     {0.1: (7.0,), 0.5: (1.5,)}, (3.2,), (2.9,), 0.7, 12.5)
+    write_experiment(experiment, tmp_path / "experiment.json")
+    assert read_experiment(tmp_path / "experiment.json") == experiment
+    (tmp_path / "experiment.json").write_text('{"marked": []}')
+    with pytest.raises(DataError, match=r"experiment.json: not a watermark experiment \(KeyError"):
+        read_experiment(tmp_path / "experiment.json")

@@ -287,7 +287,7 @@ def test_book_funnels_change_one_thing_at_a_time_and_chapter_3_reads_the_live_ru
     assert cooler.constraint is None and laptop.compare_temperature < as_alpaca.sampling.temperature
     assert constrained.sampling == replace(as_alpaca.sampling, temperature=laptop.generate_temperature)
     assert constrained.constraint.kind == "grammar"
-    assert book_main_run(laptop).name == "live"
+    assert book_main_run(laptop).parts[-2:] == ("recipe", "generate")  # the recipe's generate stage
     assert live_funnel(laptop) == constrained and live_funnel(load_profile("cluster")).folder == "upstream-t1"
 
 
@@ -304,37 +304,36 @@ def test_plot_funnels_labels_every_bar_with_its_count(tmp_path):
 def test_ensure_book_generation_reads_an_existing_live_run_without_starting_a_teacher(tmp_path, monkeypatch):
     from alpaca_nb import selfinstruct
     from alpaca_nb.profiles import load_profile
+    from alpaca_nb.reproduce import MANIFEST
 
     monkeypatch.setenv("ALPACA_NB_CACHE_DIR", str(tmp_path))
     laptop = load_profile("laptop")
     root = tmp_path / "runs" / "laptop" / "self-instruct"
-    for folder in ["live", *(funnel.folder for funnel in selfinstruct.book_funnels(laptop))]:
-        write_run(root / folder, [{"request": 0, "finish_reason": "stop", "completion_tokens": 1, "completion": "",
-                                   "counters": {"blocks": 1}}], [])
+    live = tmp_path / "runs" / "laptop" / "recipe" / "generate"
+    for folder in [live, *(root / funnel.folder for funnel in selfinstruct.book_funnels(laptop))]:
+        write_run(folder, [{"request": 0, "finish_reason": "stop", "completion_tokens": 1, "completion": "",
+                            "counters": {"blocks": 1}}], [])
     monkeypatch.setattr(selfinstruct, "teacher_endpoint", None)  # calling it would fail the test
-    assert selfinstruct.ensure_book_generation(laptop) == root / "live"
+    monkeypatch.setattr(selfinstruct, "run_book_generation", None)
+    (live / MANIFEST).write_text("{}")  # the live run finished (its stage's manifest is written last)
+    assert selfinstruct.ensure_book_generation(laptop) == live
 
 
 def test_ensure_book_generation_reruns_chapter_2_when_a_funnel_is_missing(tmp_path, monkeypatch):
-    from contextlib import contextmanager
-
     from alpaca_nb import selfinstruct
     from alpaca_nb.profiles import load_profile
+
+    from alpaca_nb.reproduce import MANIFEST
 
     monkeypatch.setenv("ALPACA_NB_CACHE_DIR", str(tmp_path))
     laptop = load_profile("laptop")
     write_run(selfinstruct.book_main_run(laptop), [{"request": 0, "finish_reason": "stop", "completion_tokens": 1,
                                                     "completion": "", "counters": {"blocks": 1}}], [])
+    (selfinstruct.book_main_run(laptop) / MANIFEST).write_text("{}")
     runs = []
-
-    @contextmanager
-    def teacher(profile):
-        yield "teacher"
-
-    monkeypatch.setattr(selfinstruct, "teacher_endpoint", teacher)
     monkeypatch.setattr(selfinstruct, "run_book_generation",
-                        lambda profile, endpoint: runs.append(endpoint) or SimpleNamespace(live_run="rerun"))
-    assert selfinstruct.ensure_book_generation(laptop) == "rerun" and runs == ["teacher"]
+                        lambda profile: runs.append(profile) or SimpleNamespace(live_run="rerun"))
+    assert selfinstruct.ensure_book_generation(laptop) == "rerun" and runs == [laptop]
 
 
 def test_copy_first_requests_keeps_only_what_the_first_prompts_produced(tmp_path):
@@ -412,8 +411,13 @@ def test_one_teacher_wiring_chooses_the_api_by_where_the_teacher_is(monkeypatch)
 
 def test_chapter_2_runs_the_live_run_first_and_the_other_funnels_on_its_first_prompts(tmp_path, monkeypatch):
     """The order and sizes of chapter 2's runs, with generate replaced by a recorder that writes what a run
-    would (the real loop is tested against llama-server in test_generate): a live run that meets its target in
-    one request is topped up to the comparison's prompts, and its first requests become the third funnel."""
+    would (the real loop is tested against llama-server in test_generate): the live run is the recipe's generate
+    stage (finished with its manifest); when it meets its target in one request, its copy, the constrained
+    funnel's column, is topped up to the comparison's prompts, and the live run itself is left as finished."""
+    from contextlib import contextmanager
+
+    from alpaca_nb.reproduce import MANIFEST, read_manifest
+
     from alpaca_nb import selfinstruct
     from alpaca_nb.profiles import load_profile
 
@@ -431,11 +435,19 @@ def test_chapter_2_runs_the_live_run_first_and_the_other_funnels_on_its_first_pr
         calls.append((Path(out_dir).name, target, max_requests))
         return selfinstruct.load_run(out_dir)
 
+    teacher = SimpleNamespace(copy=lambda: teacher, model="local")
+
+    @contextmanager
+    def started_teacher(chosen):
+        yield teacher
+
     monkeypatch.setattr(selfinstruct, "generate", recording_generate)
-    teacher = SimpleNamespace(copy=lambda: teacher)
-    generation = selfinstruct.run_book_generation(profile, teacher)
-    assert calls[:2] == [("live", 1, profile.generate_max_requests), ("live", 10**9, 3)]
-    assert sorted(calls[2:]) == [("upstream-cooler", 10**9, 3), ("upstream-t1", 10**9, 3)]
+    monkeypatch.setattr(selfinstruct, "teacher_endpoint", started_teacher)
+    generation = selfinstruct.run_book_generation(profile)
+    assert calls[0] == ("generate", 1, profile.generate_max_requests)
+    assert sorted(calls[1:]) == [("constrained", 10**9, 3), ("upstream-cooler", 10**9, 3), ("upstream-t1", 10**9, 3)]
     columns = {folder.name: selfinstruct.load_run(folder).requests for folder in generation.funnels.values()}
     assert columns == {"upstream-t1": 3, "upstream-cooler": 3, "constrained": 3}
-    assert generation.live_run.name == "live" and generation.live_seconds >= 0 and generation.compare_seconds >= 0
+    assert generation.live_run == selfinstruct.book_main_run(profile) and selfinstruct.load_run(generation.live_run).requests == 1
+    assert read_manifest(generation.live_run).stage == "generate" and (generation.live_run / MANIFEST).is_file()
+    assert generation.live_seconds >= 0 and generation.compare_seconds >= 0

@@ -178,24 +178,34 @@ def test_book_training_data_mixes_generated_and_real_records_and_holds_out_the_r
         book_training_data(replace(profile, finetune_eval_examples=100), generated, tmp_path)
 
 
-def test_chapter_5_reuses_chapter_4s_fine_tune_and_runs_it_only_when_it_is_missing(tmp_path, monkeypatch):
-    import alpaca_nb.train as train_module
+def test_chapters_share_the_recipes_fine_tune_stage(tmp_path, monkeypatch):
+    """Chapters 4, 5 and 6 ask the recipe for its fine_tune stage (run only when it is not complete: tested in
+    test_reproduce) and read the model from the stage's folder."""
+    import alpaca_nb.reproduce as reproduce_module
     from alpaca_nb.profiles import load_profile
     from alpaca_nb.train import book_fine_tune_dir, ensure_book_fine_tune
 
     monkeypatch.setenv("ALPACA_NB_CACHE_DIR", str(tmp_path))
     profile = load_profile("laptop", smoke=True)
-    runs = []
-
-    def fine_tune(chosen):  # stands in for the minutes-long run: it writes what train() would leave
-        runs.append(chosen)
-        (book_fine_tune_dir(chosen) / "run" / "final").mkdir(parents=True)
-        (book_fine_tune_dir(chosen) / "run" / "final" / "config.json").write_text("{}")
-
-    monkeypatch.setattr(train_module, "run_book_fine_tune", fine_tune)
+    asked = []
+    monkeypatch.setattr(reproduce_module, "ensure_stage", lambda chosen, stage: asked.append((chosen, stage)))
     final = ensure_book_fine_tune(profile)
-    assert final == tmp_path / "runs" / "laptop-smoke" / "fine-tune" / "run" / "final" and runs == [profile]
-    assert ensure_book_fine_tune(profile) == final and len(runs) == 1  # found: not run again
+    assert final == tmp_path / "runs" / "laptop-smoke" / "recipe" / "fine_tune" / "run" / "final"
+    assert final.parent == book_fine_tune_dir(profile) and asked == [(profile, "fine_tune")]
+
+
+def test_read_book_data_reads_back_what_book_training_data_wrote(tmp_path):
+    from alpaca_nb.data import AlpacaRecord, DataError
+    from alpaca_nb.profiles import load_profile
+    from alpaca_nb.train import read_book_data
+
+    profile = replace(load_profile("laptop"), finetune_examples=20, finetune_eval_examples=10)
+    generated = [AlpacaRecord(f"Invent task {n}.", "", f"Answer {n}.") for n in range(5)]
+    written = book_training_data(profile, generated, tmp_path)
+    assert read_book_data(tmp_path) == written
+    (tmp_path / "mix.json").write_text(json.dumps({**json.loads((tmp_path / "mix.json").read_text()), "held_out": 3}))
+    with pytest.raises(DataError, match=r"training_data.json: 30 records, .*mix.json says 20 mixed \+ 3 held out"):
+        read_book_data(tmp_path)
 
 
 def test_resumed_run_ends_with_the_loss_of_an_uninterrupted_run(tiny_llama, tmp_path):
