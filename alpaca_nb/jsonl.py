@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,8 +58,10 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     """Return ``path`` after writing ``text`` there through a temporary file: a reader never sees half a file."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
+    # A unique name opened with "x" rather than mkstemp: mkstemp's files are private (0600), and a run's
+    # results must stay as readable as any other file the user writes (umask), e.g. to a course's group.
+    staging = target.parent / f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    with open(staging, "x", encoding="utf-8") as out:
         out.write(text)
     os.replace(staging, target)
     return target

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from alpaca_nb.jsonl import append_records, read_records, write_text_atomically
@@ -40,3 +43,12 @@ def test_write_text_atomically_creates_folders_replaces_whole_and_leaves_no_stag
     assert write_text_atomically(path, "first\n") == path and path.read_text() == "first\n"
     write_text_atomically(path, "second\n")
     assert path.read_text() == "second\n" and [p.name for p in path.parent.iterdir()] == ["curve.json"]
+
+
+def test_write_text_atomically_gives_the_file_the_users_usual_permissions(tmp_path):
+    previous = os.umask(0o022)  # mkstemp's staging files would leave 0600 whatever the umask
+    try:
+        path = write_text_atomically(tmp_path / "report.json", "{}\n")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
