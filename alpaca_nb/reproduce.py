@@ -579,10 +579,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {stage} | {info['wall_seconds']:.0f} s | {tokens} | {format_value(info['usd'], 'usd')} | {paper_rates} | "
                      f"{info['note']} |")
     lines += ["", "## Metrics beside the paper", "", "| metric | ours | 95 % interval | the paper |", "|---|---|---|---|"]
-    for metric in report["metrics"]:
-        unit = metric["unit"]
-        interval = "" if metric["interval"] is None else " to ".join(format_value(v, unit) for v in metric["interval"])
-        lines.append(f"| {metric['label']} | {format_value(metric['ours'], unit)} | {interval} | {metric['paper'] or '-'} |")
+    lines += ["| " + " | ".join(_metric_row(metric).values()) + " |" for metric in report["metrics"]]
     lines += ["", "## Environment", "", *(f"- {line}" for line in environment_lines(report["environment"])), ""]
     return "\n".join(lines)
 
@@ -618,13 +615,16 @@ def metrics_frame(report: dict[str, Any]) -> "pd.DataFrame":
     """Return the report's metrics as a table: ours (with its 95 % interval) beside the paper's figure."""
     import pandas as pd
 
-    rows = []
-    for metric in report["metrics"]:
-        unit = metric["unit"]
-        interval = "" if metric["interval"] is None else " to ".join(format_value(v, unit) for v in metric["interval"])
-        rows.append({"metric": metric["label"], "ours": format_value(metric["ours"], unit), "95 % interval": interval,
-                     "the paper": metric["paper"] or "-"})
+    rows = [_metric_row(metric) for metric in report["metrics"]]
     return pd.DataFrame(rows, columns=["metric", "ours", "95 % interval", "the paper"]).set_index("metric")
+
+
+def _metric_row(metric: dict[str, Any]) -> dict[str, str]:
+    """Return one metric as the report's table shows it: label, ours, the 95 % interval, the paper's figure."""
+    unit = metric["unit"]
+    interval = "" if metric["interval"] is None else " to ".join(format_value(v, unit) for v in metric["interval"])
+    return {"metric": metric["label"], "ours": format_value(metric["ours"], unit), "95 % interval": interval,
+            "the paper": metric["paper"] or "-"}
 
 
 REPORT_FIGURES = ("generation_funnel", "loss_curve")

@@ -22,6 +22,7 @@ import tomllib
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
@@ -443,7 +444,7 @@ def read_experiment(path: str | os.PathLike) -> WatermarkExperiment:
     from alpaca_nb.data import DataError
 
     try:
-        raw = json.loads(open(path, encoding="utf-8").read())
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
         texts = {key: tuple(Generation(item["prompt"], tuple(item["prompt_ids"]), tuple(item["token_ids"]),
                                        item["text"], item["watermarked"]) for item in raw[key])
                  for key in ("marked", "plain")}
