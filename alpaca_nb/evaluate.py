@@ -7,7 +7,8 @@ comparisons a real difference would take, and ``alpaca_eval_win_rate`` /
 ``generate_replies`` answers the evaluation instructions (batched, cached on disk); ``blind_pairs``,
 ``record_vote`` and ``rater_agreement`` are the blind human comparison behind chapter 5's widget;
 ``run_evaluation`` / ``read_evaluation`` are ``alpaca-nb evaluate``. The LLM judge is in ``judge``.
-Chapter 4's replies before and after its fine-tune (``greedy_replies``, ``stop_table``) are measured here too.
+Chapter 4's replies before and after its fine-tune (``greedy_replies``, ``stop_table`` at ``answer_cap``) are
+measured here too.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ __all__ = [
     "WinRate",
     "alpaca_eval_table",
     "alpaca_eval_win_rate",
+    "answer_cap",
     "answer_lengths",
+    "answer_tokens",
     "blind_pairs",
     "comparisons_needed",
     "fleiss_kappa",
@@ -759,9 +762,22 @@ def invents_a_section(text: str) -> bool:
     return re.search(r"^\s*###", text, flags=re.MULTILINE) is not None
 
 
-def stop_table(replies: dict[str, Sequence[Reply]], max_new_tokens: int) -> "pd.DataFrame":
-    """Return one row per model: how many replies ended with EOS before the cap, why the others ran on (a loop
-    or not), how many invented a ``###`` section, and how long the replies ran."""
+def answer_tokens(records: Sequence[Any], tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Return the length in tokens of each record's reference answer (its ``output``)."""
+    return [len(tokenizer(record.output, add_special_tokens=False)["input_ids"]) for record in records]
+
+
+def answer_cap(records: Sequence[Any], tokenizer: PreTrainedTokenizerBase) -> int:
+    """Return the token cap that measures whether replies end: the longest reference answer among ``records``,
+    plus its end-of-sequence token. A reply still running there is longer than every answer in the data; a
+    smaller cap would count a reply as run on for being as long as the data's own answer (chapter 4)."""
+    return 1 + max(answer_tokens(records, tokenizer), default=0)
+
+
+def stop_table(replies: dict[str, Sequence[Reply]], max_new_tokens: int, within: int | None = None) -> "pd.DataFrame":
+    """Return one row per model: how many replies ended with EOS before the cap (and, given ``within``, how many
+    of them within that many tokens), why the others ran on (a loop or not), how many invented a ``###``
+    section, and how long the replies ran."""
     import pandas as pd
 
     from alpaca_nb.sft import repeats_itself
@@ -771,7 +787,11 @@ def stop_table(replies: dict[str, Sequence[Reply]], max_new_tokens: int) -> "pd.
         stopped = sum(reply.stopped for reply in model_replies)
         cut = [reply for reply in model_replies if not reply.stopped]
         lengths = sorted(reply.new_tokens for reply in model_replies)
-        rows[name] = {"replies": len(model_replies), "ended with EOS": stopped,
+        # A reply of n tokens ended within `within` when its EOS, the (n+1)-th new token, fits there.
+        ended_within = ({f"ended within {within} tokens": sum(reply.stopped and reply.new_tokens < within
+                                                               for reply in model_replies)}
+                        if within is not None else {})
+        rows[name] = {"replies": len(model_replies), "ended with EOS": stopped, **ended_within,
                       f"cut at {max_new_tokens} tokens": len(cut),
                       "of which looping": sum(repeats_itself(reply.text) for reply in cut),
                       "with an invented ### section": sum(invents_a_section(reply.text) for reply in model_replies),

@@ -16,7 +16,9 @@ from alpaca_nb.batching import (
     PACKED_ATTENTION, AlpacaCollator, enable_packed_attention, length_grouped_batches, padded_tokens,
     padding_by_strategy, padding_free_collator, plot_padding, random_batches,
 )
-from alpaca_nb.evaluate import Reply, greedy_replies, invents_a_section, replies_table, stop_table
+from alpaca_nb.evaluate import (
+    Reply, answer_cap, answer_tokens, greedy_replies, invents_a_section, replies_table, stop_table,
+)
 from alpaca_nb.export import (
     axolotl_dataset_block, export_trl_jsonl, from_trl_prompt_completion, import_trl_jsonl, llama_factory_dataset_info,
     to_trl_prompt_completion,
@@ -352,6 +354,28 @@ def test_stop_table_counts_the_replies_that_ended_themselves_and_why_the_others_
     row = stop_table({"tuned": replies}, max_new_tokens=9).loc["tuned"]
     assert (row["ended with EOS"], row["cut at 9 tokens"], row["of which looping"], row["stop rate"],
             row["median tokens"], row["with an invented ### section"]) == (3, 2, 1, 0.6, 5, 1)
+
+
+def test_the_answer_cap_leaves_room_for_the_longest_reference_and_its_eos_and_no_more(tokenizer):
+    short, longest = "Paris.", "Sort the list, then take the middle element; with an even count, average the two."
+    records = [AlpacaRecord("Name a city.", "", short), AlpacaRecord("Find the median.", "", longest)]
+    cap = answer_cap(records, tokenizer)
+    assert cap == answer_cap(records[::-1], tokenizer) > answer_cap(records[:1], tokenizer)
+    # A reply as long as the longest answer, then EOS, ends within the cap and not within one token less.
+    assert answer_tokens(records, tokenizer) == [len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                                                 for text in (short, longest)]
+    as_long = Reply(longest, answer_tokens(records, tokenizer)[1], True)
+    row = stop_table({"model": [as_long]}, cap, within=cap).loc["model"]
+    assert row[f"ended within {cap} tokens"] == 1
+    assert stop_table({"model": [as_long]}, cap, within=cap - 1).loc["model"][f"ended within {cap - 1} tokens"] == 0
+    assert answer_cap([], tokenizer) == 1
+
+
+def test_stop_table_counts_the_replies_that_ended_within_a_smaller_cap_too():
+    replies = [Reply("short", 3, True), Reply("long but ended", 200, True), Reply("loop", 256, False)]
+    row = stop_table({"tuned": replies}, max_new_tokens=256, within=128).loc["tuned"]
+    assert (row["ended with EOS"], row["ended within 128 tokens"], row["cut at 256 tokens"]) == (2, 1, 1)
+    assert "ended within 128 tokens" not in stop_table({"tuned": replies}, max_new_tokens=256).columns
 
 
 def test_repeats_itself_and_invents_a_section_see_loops_and_headers_not_ordinary_text():
