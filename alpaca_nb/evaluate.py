@@ -777,7 +777,7 @@ def answer_cap(records: Sequence[Any], tokenizer: PreTrainedTokenizerBase) -> in
 def stop_table(replies: dict[str, Sequence[Reply]], max_new_tokens: int, within: int | None = None) -> "pd.DataFrame":
     """Return one row per model: how many replies ended with EOS before the cap (and, given ``within``, how many
     of them within that many tokens), why the others ran on (a loop or not), how many invented a ``###``
-    section, and how long the replies ran."""
+    section, the share that ended with its 95 % interval, and how long the replies ran."""
     import pandas as pd
 
     from alpaca_nb.sft import repeats_itself
@@ -796,8 +796,17 @@ def stop_table(replies: dict[str, Sequence[Reply]], max_new_tokens: int, within:
                       "of which looping": sum(repeats_itself(reply.text) for reply in cut),
                       "with an invented ### section": sum(invents_a_section(reply.text) for reply in model_replies),
                       "stop rate": stopped / len(model_replies) if model_replies else None,
+                      "95 % interval": _percent_interval(stopped, len(model_replies)),
                       "median tokens": lengths[len(lengths) // 2] if lengths else None}
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _percent_interval(successes: int, n: int) -> str | None:
+    """Return Wilson's 95 % interval of ``successes / n`` written for a table ("80%-98%"); None for no data."""
+    if n == 0:
+        return None
+    low, high = wilson_interval(successes, n)
+    return f"{low:.0%}-{high:.0%}"
 
 
 def replies_table(

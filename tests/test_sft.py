@@ -341,7 +341,8 @@ def test_a_reply_cut_by_the_cap_is_not_counted_as_stopped(records, tokenizer, ev
     assert [reply.stopped for reply in replies] == [False, False] and {reply.new_tokens for reply in replies} == {1}
     table = stop_table({"cut": replies}, max_new_tokens=1)
     assert table.loc["cut"].to_dict() == {"replies": 2, "ended with EOS": 0, "cut at 1 tokens": 2, "of which looping": 0,
-                                          "with an invented ### section": 0, "stop rate": 0.0, "median tokens": 1}
+                                          "with an invented ### section": 0, "stop rate": 0.0,
+                                          "95 % interval": "0%-66%", "median tokens": 1}
     shown = replies_table(records[:2], {"model": replies}, reference_name="davinci-003")
     assert list(shown.columns) == ["instruction", "input", "davinci-003", "model"]
     assert shown.loc[0, "model"].endswith("[cut at the token cap]")
@@ -354,6 +355,10 @@ def test_stop_table_counts_the_replies_that_ended_themselves_and_why_the_others_
     row = stop_table({"tuned": replies}, max_new_tokens=9).loc["tuned"]
     assert (row["ended with EOS"], row["cut at 9 tokens"], row["of which looping"], row["stop rate"],
             row["median tokens"], row["with an invented ### section"]) == (3, 2, 1, 0.6, 5, 1)
+    # Wilson's interval, as chapter 5's win rates: 30 of 32 is known to lie between about 80 % and 98 %.
+    assert row["95 % interval"] == "23%-88%"
+    thirty_of_32 = [Reply("a", 3, True)] * 30 + [Reply("loop", 9, False)] * 2
+    assert stop_table({"tuned": thirty_of_32}, max_new_tokens=9).loc["tuned", "95 % interval"] == "80%-98%"
 
 
 def test_the_answer_cap_leaves_room_for_the_longest_reference_and_its_eos_and_no_more(tokenizer):
