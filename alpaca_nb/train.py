@@ -146,7 +146,7 @@ def laptop_config(output_dir: str, lora: bool | None = None) -> TrainConfig:
     share of held-out greedy replies that end with EOS within 128 tokens at 17 of 32, as before the fine-tune;
     36 steps of this preset on chapter 4's mix gave 26 to 31 of 32 over five runs (2-core CPU, December 2026);
     global batch 8, lr 1e-3 or 5 epochs did not raise it (28 to 31 on three mixes). Within chapter 4's cap (the
-    longest held-out answer and its EOS: 236 tokens) eight such models ended 30 to 32. Without peft it falls
+    longest held-out answer and its EOS: 236 tokens) nine such fine-tunes ended 29 to 32. Without peft it falls
     back to a full fine-tune at lr 5e-5 (``lora=False`` forces it). Padding-free batches: packing computes no
     padding and gives the same loss.
     Data and held-out size are the laptop profile's (``finetune_asset``, ``finetune_eval_examples`` in
