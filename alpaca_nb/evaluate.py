@@ -46,6 +46,7 @@ __all__ = [
     "answer_cap",
     "answer_lengths",
     "answer_tokens",
+    "answers_over",
     "blind_pairs",
     "comparisons_needed",
     "fleiss_kappa",
@@ -767,11 +768,21 @@ def answer_tokens(records: Sequence[Any], tokenizer: PreTrainedTokenizerBase) ->
     return [len(tokenizer(record.output, add_special_tokens=False)["input_ids"]) for record in records]
 
 
+def _ends_within(tokens: int, cap: int) -> bool:
+    """Return True when a text of ``tokens`` tokens, then its end-of-sequence token, fits in ``cap`` new tokens."""
+    return tokens < cap
+
+
 def answer_cap(records: Sequence[Any], tokenizer: PreTrainedTokenizerBase) -> int:
     """Return the token cap that measures whether replies end: the longest reference answer among ``records``,
     plus its end-of-sequence token. A reply still running there is longer than every answer in the data; a
     smaller cap would count a reply as run on for being as long as the data's own answer (chapter 4)."""
     return 1 + max(answer_tokens(records, tokenizer), default=0)
+
+
+def answers_over(records: Sequence[Any], tokenizer: PreTrainedTokenizerBase, cap: int) -> int:
+    """Return how many reference answers among ``records`` would not end (EOS included) within ``cap`` tokens."""
+    return sum(not _ends_within(tokens, cap) for tokens in answer_tokens(records, tokenizer))
 
 
 def stop_table(replies: dict[str, Sequence[Reply]], max_new_tokens: int, within: int | None = None) -> "pd.DataFrame":
@@ -787,10 +798,8 @@ def stop_table(replies: dict[str, Sequence[Reply]], max_new_tokens: int, within:
         stopped = sum(reply.stopped for reply in model_replies)
         cut = [reply for reply in model_replies if not reply.stopped]
         lengths = sorted(reply.new_tokens for reply in model_replies)
-        # A reply of n tokens ended within `within` when its EOS, the (n+1)-th new token, fits there.
-        ended_within = ({f"ended within {within} tokens": sum(reply.stopped and reply.new_tokens < within
-                                                               for reply in model_replies)}
-                        if within is not None else {})
+        ended_within = {} if within is None else {f"ended within {within} tokens": sum(
+            reply.stopped and _ends_within(reply.new_tokens, within) for reply in model_replies)}
         rows[name] = {"replies": len(model_replies), "ended with EOS": stopped, **ended_within,
                       f"cut at {max_new_tokens} tokens": len(cut),
                       "of which looping": sum(repeats_itself(reply.text) for reply in cut),

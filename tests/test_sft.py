@@ -17,7 +17,7 @@ from alpaca_nb.batching import (
     padding_by_strategy, padding_free_collator, plot_padding, random_batches,
 )
 from alpaca_nb.evaluate import (
-    Reply, answer_cap, answer_tokens, greedy_replies, invents_a_section, replies_table, stop_table,
+    Reply, answer_cap, answer_tokens, answers_over, greedy_replies, invents_a_section, replies_table, stop_table,
 )
 from alpaca_nb.export import (
     axolotl_dataset_block, export_trl_jsonl, from_trl_prompt_completion, import_trl_jsonl, llama_factory_dataset_info,
@@ -374,6 +374,8 @@ def test_the_answer_cap_leaves_room_for_the_longest_reference_and_its_eos_and_no
     assert row[f"ended within {cap} tokens"] == 1
     assert stop_table({"model": [as_long]}, cap, within=cap - 1).loc["model"][f"ended within {cap - 1} tokens"] == 0
     assert answer_cap([], tokenizer) == 1
+    # The answers that would not fit a smaller cap: none at the cap, the longest one a token below it.
+    assert (answers_over(records, tokenizer, cap), answers_over(records, tokenizer, cap - 1)) == (0, 1)
 
 
 def test_stop_table_counts_the_replies_that_ended_within_a_smaller_cap_too():
