@@ -17,14 +17,50 @@ def test_records_round_trip_with_line_numbers(tmp_path):
     assert read_records(path) == [(1, {"a": 1}), (2, {"b": "é"})]
 
 
-def test_a_torn_last_line_is_cut_off_and_appends_continue_cleanly(tmp_path):
+def test_a_torn_last_line_is_skipped_on_read_and_cut_off_by_the_next_append(tmp_path):
     path = tmp_path / "a.jsonl"
     append_records(path, [{"a": 1}])
     with path.open("a") as handle:
         handle.write('{"b": 2')
+    before = path.read_bytes()
     assert read_records(path) == [(1, {"a": 1})]
+    assert path.read_bytes() == before  # reading never changes a file
     append_records(path, [{"c": 3}])
     assert read_records(path) == [(1, {"a": 1}), (2, {"c": 3})]
+
+
+def test_a_complete_last_record_without_its_newline_is_read_and_kept(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}')
+    assert read_records(path) == [(1, {"a": 1}), (2, {"a": 2})]
+    assert path.read_text() == '{"a": 1}\n{"a": 2}'
+    append_records(path, [{"a": 3}])
+    assert read_records(path) == [(1, {"a": 1}), (2, {"a": 2}), (3, {"a": 3})]
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085", "\x0b", "\x0c", "\x1c", "\r"])
+def test_text_holding_a_line_separator_round_trips(tmp_path, separator):
+    path = tmp_path / "a.jsonl"
+    append_records(path, [{"output": f"a{separator}b"}, {"output": "é"}])
+    assert read_records(path) == [(1, {"output": f"a{separator}b"}), (2, {"output": "é"})]
+    assert len(path.read_text(encoding="utf-8").splitlines()) == 2  # other tools see two lines too
+
+
+def test_concurrent_writers_never_interleave_lines(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "flags.jsonl"
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(4) as pool:
+        pool.starmap(_append_many, [(path, writer) for writer in range(4)])
+    records = [record for _, record in read_records(path)]
+    assert sorted((r["writer"], r["n"]) for r in records) == [(w, n) for w in range(4) for n in range(50)]
+    assert all(r["text"] == "x" * 5000 for r in records)
+
+
+def _append_many(path, writer):
+    for n in range(50):
+        append_records(path, [{"writer": writer, "n": n, "text": "x" * 5000}])
 
 
 def test_a_corrupt_complete_line_names_file_and_line(tmp_path):
