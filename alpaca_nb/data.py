@@ -389,8 +389,11 @@ def _read_text(path: Path) -> str:
 
 
 def jsonl_objects(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (location, object) for each non-blank line; location reads 'file, line N'."""
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    """Yield (location, object) for each non-blank line; location reads 'file, line N'.
+
+    Lines end at "\n" only: JSON text may hold U+2028 and other characters str.splitlines breaks on.
+    """
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}, line {number}"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from alpaca_nb.data import AlpacaRecord, DataError, jsonl_objects
-from alpaca_nb.jsonl import write_text_atomically
+from alpaca_nb.jsonl import json_line, write_text_atomically
 from alpaca_nb.sft import PROMPT_INPUT, PROMPT_NO_INPUT, export_stanford_json, format_prompt
 
 __all__ = [
@@ -61,7 +61,7 @@ def from_trl_prompt_completion(rows: Iterable[dict[str, str]]) -> list[AlpacaRec
 def export_trl_jsonl(records: Iterable[Any], path: str | os.PathLike) -> Path:
     """Return the path written: TRL prompt-completion rows, one JSON object a line (``load_dataset("json")``)."""
     rows = to_trl_prompt_completion(records)
-    return write_text_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return write_text_atomically(path, "".join(json_line(row) + "\n" for row in rows))
 
 
 def import_trl_jsonl(path: str | os.PathLike) -> list[AlpacaRecord]:

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from alpaca_nb.data import DataError
 
-__all__ = ["append_records", "read_records", "write_text_atomically"]
+__all__ = ["append_records", "json_line", "read_records", "write_text_atomically"]
 
 # Characters that str.splitlines (and many editors and tools) take for line ends, which json.dumps with
 # ensure_ascii=False leaves raw: a model's text may hold them, so they are written escaped.
@@ -55,7 +55,8 @@ def _complete_tail(tail: str) -> Any | None:
         return None
 
 
-def _dumps(record: dict[str, Any]) -> str:
+def json_line(record: Any) -> str:
+    """Return ``record`` as one JSON line (no newline) that no line-splitting reader can break."""
     line = json.dumps(record, ensure_ascii=False)
     for raw, escaped in _LINE_BREAKS_JSON_KEEPS.items():
         line = line.replace(raw, escaped)  # only ever inside a JSON string, where the escape means the same
@@ -70,7 +71,7 @@ def append_records(path: Path, records: Sequence[dict[str, Any]]) -> None:
     """
     if not records:
         return
-    payload = "".join(_dumps(record) + "\n" for record in records).encode("utf-8")
+    payload = "".join(json_line(record) + "\n" for record in records).encode("utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+b") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

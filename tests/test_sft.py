@@ -355,7 +355,7 @@ def test_stop_table_counts_the_replies_that_ended_themselves_and_why_the_others_
     row = stop_table({"tuned": replies}, max_new_tokens=9).loc["tuned"]
     assert (row["ended with EOS"], row["cut at 9 tokens"], row["of which looping"], row["stop rate"],
             row["median tokens"], row["with an invented ### section"]) == (3, 2, 1, 0.6, 5, 1)
-    # Wilson's interval, as chapter 5's win rates: 30 of 32 is known to lie between about 80 % and 98 %.
+    # Wilson's interval, as chapter 5's judge agreement: 30 of 32 is known to lie between about 80 % and 98 %.
     assert row["95 % interval"] == "23%-88%"
     thirty_of_32 = [Reply("a", 3, True)] * 30 + [Reply("loop", 9, False)] * 2
     assert stop_table({"tuned": thirty_of_32}, max_new_tokens=9).loc["tuned", "95 % interval"] == "80%-98%"
@@ -408,6 +408,12 @@ def test_stanford_json_to_trl_and_back_is_exact(records):
 def test_trl_jsonl_export_import_is_exact(records, tmp_path):
     path = export_trl_jsonl(records, tmp_path / "train.jsonl")
     assert len(path.read_text(encoding="utf-8").splitlines()) == 100
+    assert import_trl_jsonl(path) == records
+
+
+def test_trl_jsonl_round_trips_text_with_line_separators(tmp_path):
+    records = [AlpacaRecord("Split\u2028this.", "", "one\u2029two\u0085three"), AlpacaRecord("Plain.", "", "ok")]
+    path = export_trl_jsonl(records, tmp_path / "trl.jsonl")
     assert import_trl_jsonl(path) == records
 
 
