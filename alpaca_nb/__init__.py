@@ -1,3 +1,3 @@
 """alpaca_nb: Stanford Alpaca reproduced end to end, the logic behind the alpaca-nb book."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -191,6 +191,9 @@ class LedgerEntry:
     latency_s: float
     request_id: str
     attempt: int
+    # True: the tokens are the reservation's worst case, booked for a failed attempt the server may have billed
+    # without reporting usage (older ledgers lack the field: they booked such attempts as 0 tokens).
+    usage_estimated: bool = False
 
 
 class Ledger:
@@ -227,6 +230,7 @@ class Ledger:
             time=time.time(), stage=stage, model=call.model, api=call.api, outcome=call.outcome, status=call.status,
             error=call.error, prompt_tokens=call.prompt_tokens, completion_tokens=call.completion_tokens,
             cost_usd=cost, latency_s=call.latency_s, request_id=call.request_id, attempt=call.attempt,
+            usage_estimated=call.usage_estimated,
         ))
 
     def price_of(self, model: str) -> Price:
@@ -261,6 +265,17 @@ class Ledger:
         with self._lock:
             self._reserved_usd = max(0.0, self._reserved_usd - reservation)
 
+    @property
+    def reserved_usd(self) -> float:
+        """Return the dollars reserved by requests in flight (not yet recorded)."""
+        return self._reserved_usd
+
+    def call_budget(self, model: str, prompt_tokens: int, max_completion_tokens: int) -> "CallBudget":
+        """Return the budget of one call to ``model`` for ``Endpoint.complete(budget=...)``: each attempt, retries
+        included, reserves this request's worst case, and a failed attempt the server may have billed is booked
+        at that worst case."""
+        return CallBudget(self, model, prompt_tokens, max_completion_tokens)
+
     def repriced_usd(self, model: str, batch: bool = False) -> float:
         """Return what the recorded tokens would have cost at ``model``'s prices."""
         rates = price(model)
@@ -281,7 +296,8 @@ class Ledger:
         return pd.DataFrame([asdict(entry) for entry in self.entries], columns=list(LedgerEntry.__dataclass_fields__))
 
     def summary(self, by: str = "model") -> pd.DataFrame:
-        """Return calls, retries, errors, tokens, dollars and mean latency grouped ``by`` model or stage."""
+        """Return calls, retries, errors, tokens, dollars and mean latency grouped ``by`` model or stage; ``estimated``
+        counts the failed attempts whose tokens are the worst-case estimate (the server may have billed them)."""
         frame = self.frame()
         grouped = frame.groupby(by)
         return pd.DataFrame({
@@ -289,11 +305,43 @@ class Ledger:
             "ok": grouped["outcome"].apply(lambda s: int((s == "ok").sum())),
             "retries": grouped["outcome"].apply(lambda s: int((s == "retry").sum())),
             "errors": grouped["outcome"].apply(lambda s: int((s == "error").sum())),
+            "estimated": grouped["usage_estimated"].apply(lambda s: int(s.sum())),
             "prompt_tokens": grouped["prompt_tokens"].sum(),
             "completion_tokens": grouped["completion_tokens"].sum(),
             "cost_usd": grouped["cost_usd"].sum(),
             "mean_latency_s": grouped["latency_s"].mean(),
         })
+
+
+class CallBudget:
+    """The reservations of one call's attempts (``llm.AttemptBudget``): one worst case per attempt held.
+
+    A retry reserves again before the failed attempt's reservation is given back, so the budget never counts
+    on money a retry might spend; when the ledger refuses, ``reserve`` raises :class:`BudgetExceeded`.
+    """
+
+    def __init__(self, ledger: Ledger, model: str, prompt_tokens: int, max_completion_tokens: int):
+        self.ledger, self.model = ledger, model
+        self.estimated_usage = (prompt_tokens, max_completion_tokens)
+        self._reservations: list[float] = []
+
+    @property
+    def held(self) -> int:
+        """Return how many attempts' reservations are held now."""
+        return len(self._reservations)
+
+    def reserve(self) -> None:
+        """Reserve one more attempt's worst case; BudgetExceeded if it might not fit."""
+        self._reservations.append(self.ledger.reserve(self.model, *self.estimated_usage))
+
+    def release(self) -> None:
+        """Give back the oldest reservation (its attempt has been recorded)."""
+        self.ledger.release(self._reservations.pop(0))
+
+    def release_all(self) -> None:
+        """Give back every reservation still held."""
+        while self._reservations:
+            self.release()
 
 
 def _read_entries(path: Path) -> list[LedgerEntry]:

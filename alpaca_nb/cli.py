@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Callable
 
 from alpaca_nb.data import ASSETS, DataError, resolve
 
@@ -167,18 +168,23 @@ def _evaluate(args: argparse.Namespace) -> int:
             truthfulqa_questions=profile.truthfulqa_questions if args.truthfulqa is None else (args.truthfulqa or None),
             judge=judge, judge_calibration_pairs=profile.judge_calibration_pairs,
             judge_budget_usd=profile.judge_budget_usd, concurrency=profile.generate_concurrency, **source)
+    from alpaca_nb.hallucination import describe_probe_summary
+
     h = results.hallucination
-    print(f"{results.system} ({results.template} template): {len(results.replies)} replies; probes: {h['incorrect']} of "
-          f"{h['probes']} wrong ({h['rate']:.0%}, 95 % {h['ci'][0]:.0%} to {h['ci'][1]:.0%}), {h['abstained']} abstained")
+    print(f"{results.system} ({results.template} template): {len(results.replies)} replies; probes: "
+          f"{describe_probe_summary(h)}")
     if results.truthfulqa:
         t = results.truthfulqa
         print(f"TruthfulQA ({t['questions']} of {t['of']}): MC1 {t['mc1']:.1%}, MC2 {t['mc2']:.1%}")
     if results.judge and "win_rate" in results.judge:
+        from alpaca_nb.judge import Calibration, judge_usability
+
         w, c = results.judge["win_rate"], results.judge.get("calibration")
-        print(f"judge {results.judge['judge']}: win rate against text-davinci-003 {w['rate']:.0%} "
-              f"(95 % {w['ci_low']:.0%} to {w['ci_high']:.0%})"
-              + (f"; agrees with GPT-4 on {c['agreement']:.0%} of {c['pairs']} AlpacaEval pairs, "
-                 f"contradicts itself on {c['contradictions']:.0%}" if c else ""))
+        usability = judge_usability(Calibration(**c) if c else None)
+        rate = (f"win rate against text-davinci-003 {w['rate']:.0%} (95 % {w['ci_low']:.0%} to {w['ci_high']:.0%}); "
+                if usability.usable else "")
+        print(f"judge {results.judge['judge']}: {rate}{usability.reason}"
+              + (f"; contradicts itself on {c['contradictions']:.0%}" if c else ""))
     if results.judge and results.judge["stopped_reason"]:
         print(f"judge {results.judge['stopped_reason']}", file=sys.stderr)
     print(f"results: {args.out}/results.json (alpaca_nb.evaluate.read_evaluation)")
@@ -201,13 +207,17 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+# Voila asks each kernel to shut down and kills it after jupyter_client's 5 s shutdown_wait_time.
+_VOILA_GRACE_S = 15.0
+
+
 def _demo(args: argparse.Namespace) -> int:
     """Serve the chat demo (``demo_app.ipynb``) with Voila on ``args.host``:``args.port`` until interrupted."""
     import os
-    import subprocess
     from pathlib import Path
 
     from alpaca_nb.demo import APP_NOTEBOOK, ServedDemo
+    from alpaca_nb.processes import start_in_own_session, stop_process_tree
 
     try:
         served = ServedDemo(args.model, args.base_url, str(Path(args.flags).resolve()))
@@ -218,13 +228,18 @@ def _demo(args: argparse.Namespace) -> int:
                "--no-browser", f"--Voila.root_dir={APP_NOTEBOOK.parent}"]
     print(f"serving the chat demo of {served.describe()} at http://{args.host}:{args.port}/ (Ctrl-C stops it)",
           flush=True)
+    # Its own session, so that Voila and the kernels it starts are stopped here, as a tree, on Ctrl-C or SIGTERM.
+    voila = start_in_own_session(command, env={**os.environ, **served.environment()})
     try:
-        status = subprocess.call(command, env={**os.environ, **served.environment()})
+        status = voila.wait()
     except KeyboardInterrupt:
         return 0
-    if status not in (0, -2, 130):  # -2 / 130: stopped with Ctrl-C
+    finally:
+        stop_process_tree(voila, grace_s=_VOILA_GRACE_S)  # Voila shuts its kernels down on SIGTERM
+    if status != 0:
         print(f"alpaca-nb demo: Voila exited with status {status} (its log is above)", file=sys.stderr)
-    return 0 if status in (0, -2, 130) else 1
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,13 +342,32 @@ def main(argv: list[str] | None = None) -> int:
         # Handed over whole: argparse's REMAINDER would not pass a leading option such as --help through.
         from alpaca_nb.train import main as train_main
 
-        return train_main(argv[1:])
+        return _until_sigterm("train", lambda: train_main(argv[1:]))
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        return _until_sigterm(args.command, lambda: args.run(args))
     except (DataError, PriceError, LLMError, ModelError, ProfileError) as error:
         print(f"alpaca-nb: {error}", file=sys.stderr)
         return 2
+
+
+# Commands whose rerun continues where a stopped one left off.
+_RESUMABLE = ("generate", "reproduce", "evaluate")
+
+
+def _until_sigterm(command: str, run: Callable[[], int]) -> int:
+    """Return ``run()``'s status, or 143 with a one-line message when SIGTERM (a SLURM time limit, ``kill``)
+    stops it: the SIGTERM is raised in ``run`` as :class:`~alpaca_nb.processes.Terminated`, so the servers and
+    other ``with`` blocks it opened are closed on the way out instead of being left running."""
+    from alpaca_nb.processes import EXIT_STATUS_SIGTERM, Terminated, sigterm_raises
+
+    try:
+        with sigterm_raises():
+            return run()
+    except Terminated:
+        resume = "; rerun the same command to continue" if command in _RESUMABLE else ""
+        print(f"alpaca-nb {command}: stopped by SIGTERM{resume}", file=sys.stderr)
+        return EXIT_STATUS_SIGTERM
 
 
 if __name__ == "__main__":

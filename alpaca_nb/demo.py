@@ -76,7 +76,7 @@ class DecodingSettings:
         else:  # the model's generation_config may carry sampling defaults: greedy means none of them
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if self.watermark:
-            kwargs["watermarking_config"] = watermarking_config()
+            kwargs["watermarking_config"] = watermarking_config(self.temperature if self.sampling else None)
         return kwargs
 
     def endpoint_kwargs(self) -> dict[str, Any]:

@@ -70,6 +70,7 @@ __all__ = [
     "stop_table",
     "tally",
     "templated_prompts",
+    "votes_file",
     "wilson_interval",
     "win_rate",
 ]
@@ -81,7 +82,13 @@ LC_FOLDS = 5
 
 @dataclass(frozen=True)
 class WinRate:
-    """A pairwise win rate: ties count one half; the interval is Wilson's 95 % score interval."""
+    """A pairwise win rate (ties count one half) with an interval and a test that agree with each other.
+
+    The sign test sets ties aside and asks whether the decisive share ``wins / (wins + losses)`` differs from
+    one half. The interval is that share's exact (Clopper-Pearson) 95 % interval, carried over to the
+    tie-halved rate with the ties held fixed: rate = ties / 2n + (decisive / n) * share. So the rate's interval
+    excludes 50 % exactly when p < 0.05 (one half maps to one half), and without ties it is the share's own.
+    """
 
     wins: int
     losses: int
@@ -91,7 +98,10 @@ class WinRate:
     ci_high: float
     p_value: float  # exact two-sided sign test of wins against losses, ties set aside
     n: int
-    method: str = "Wilson score interval (95 %) on the tie-halved rate; exact two-sided sign test"
+    decisive_share: float | None  # wins / (wins + losses); None when every comparison was a tie
+    decisive_ci: tuple[float, float] | None  # its exact 95 % interval
+    method: str = ("exact sign test of wins against losses (ties set aside); 95 % interval: the decisive share's "
+                   "Clopper-Pearson interval, ties held fixed")
 
 
 def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -102,7 +112,8 @@ def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At 0 or n successes one end is exactly 0 or 1; the formula leaves rounding dust (3e-17) there.
+    return (0.0 if successes == 0 else max(0.0, centre - half)), (1.0 if successes == n else min(1.0, centre + half))
 
 
 def win_rate(wins: int, losses: int, ties: int = 0) -> WinRate:
@@ -114,11 +125,15 @@ def win_rate(wins: int, losses: int, ties: int = 0) -> WinRate:
     n = wins + losses + ties
     if n == 0:
         raise ValueError("a win rate needs at least one comparison")
-    low, high = wilson_interval(wins + ties / 2, n)
     decisive = wins + losses
-    p_value = 1.0 if decisive == 0 else float(binomtest(wins, decisive, 0.5).pvalue)
-    return WinRate(wins=wins, losses=losses, ties=ties, rate=(wins + ties / 2) / n,
-                   ci_low=low, ci_high=high, p_value=p_value, n=n)
+    rate = (wins + ties / 2) / n
+    if decisive == 0:
+        return WinRate(wins, losses, ties, rate, rate, rate, 1.0, n, None, None)
+    test = binomtest(wins, decisive, 0.5)
+    share_ci = test.proportion_ci(confidence_level=0.95, method="exact")
+    tie_part, weight = ties / (2 * n), decisive / n
+    return WinRate(wins, losses, ties, rate, tie_part + weight * share_ci.low, tie_part + weight * share_ci.high,
+                   float(test.pvalue), n, wins / decisive, (share_ci.low, share_ci.high))
 
 
 def comparisons_needed(difference: float = 0.05, power: float = 0.8, alpha: float = 0.05) -> int:
@@ -176,10 +191,50 @@ def replies_side_by_side(instructions: Sequence[Any], reference: Sequence[Any], 
     return pd.DataFrame(columns)
 
 
-def _cache_key(system: str, template: str, max_new_tokens: int, instruction: str, input: str) -> str:  # noqa: A002
-    settings = {"system": system, "template": template, "decoding": "greedy", "max_new_tokens": max_new_tokens,
-                "instruction": instruction, "input": input}
+def _cache_key(system: str, source: str, template: str, max_new_tokens: int, instruction: str,
+               input: str) -> str:  # noqa: A002
+    # ``source`` names what answers (a weights fingerprint, or an endpoint): a system name alone would let a
+    # changed base model or server reuse the old one's replies. Keys written before it was added simply miss.
+    settings = {"system": system, "source": source, "template": template, "decoding": "greedy",
+                "max_new_tokens": max_new_tokens, "instruction": instruction, "input": input}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+# Values sampled from each weight tensor for a model's fingerprint: enough to see any fine-tune, cheap for a 7B model.
+_WEIGHT_SAMPLE = 4096
+
+
+def _model_identity(model: Any, tokenizer: Any) -> str:
+    """Return a fingerprint of what makes an in-process model's greedy replies: its class, config and generation
+    config, its weights, and its tokenizer (class, vocabulary size, special tokens, chat template).
+
+    The weights enter as an evenly strided sample of every tensor, with its name, shape and dtype: hashing every
+    byte of a 7B model on each call would take minutes, and training changes every sampled tensor. Where the
+    model was loaded from (``config._name_or_path``) is left out, so the same weights in a moved folder match.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    described = {"class": type(model).__name__, "tokenizer": type(tokenizer).__name__,
+                 "vocabulary": len(tokenizer), "special_tokens": getattr(tokenizer, "special_tokens_map", None),
+                 "chat_template": getattr(tokenizer, "chat_template", None)}
+    for name in ("config", "generation_config"):
+        settings = getattr(model, name, None)
+        described[name] = {key: value for key, value in (settings.to_dict() if settings is not None else {}).items()
+                           if key not in ("_name_or_path", "transformers_version")}
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            sample = flat[::max(1, flat.numel() // _WEIGHT_SAMPLE)][:_WEIGHT_SAMPLE]
+            digest.update(f"{name} {tuple(tensor.shape)} {tensor.dtype}".encode())
+            digest.update(sample.to("cpu", torch.float64).numpy().tobytes())  # float64 holds any float exactly
+    return f"model {digest.hexdigest()[:16]}"
+
+
+def _endpoint_identity(endpoint: Any) -> str:
+    """Return what names an endpoint's model: its base URL, model name and API."""
+    return f"endpoint {endpoint.base_url or 'OpenAI'} {endpoint.model} {endpoint.api}"
 
 
 def _cached_replies(cache: Path | None) -> dict[str, SystemReply]:
@@ -235,7 +290,9 @@ def generate_replies(system: str, instructions: Sequence[Any], *, template: str,
     The replies come from an in-process ``model`` and ``tokenizer`` (batched, left padding) or from an
     ``Endpoint``. ``template`` says how the instruction is asked: ``"alpaca"`` for a model tuned on the
     Alpaca template, ``"chat"`` for a chat model. With ``cache`` (a JSONL file), replies are kept there
-    keyed by system, template, decoding settings and instruction, so a rerun generates only what is missing.
+    keyed by system, the model's identity (a fingerprint of its weights, config and tokenizer, or the
+    endpoint's URL, model and API), template, decoding settings and instruction, so a rerun generates only what
+    is missing, and a changed model never reuses another's replies.
     """
     from alpaca_nb.jsonl import append_records
     from alpaca_nb.progress import progress_bar
@@ -246,7 +303,8 @@ def generate_replies(system: str, instructions: Sequence[Any], *, template: str,
         raise ValueError("pass either model and tokenizer, or endpoint")
     cache_path = Path(cache) if cache is not None else None
     known = _cached_replies(cache_path)
-    keys = [_cache_key(system, template, max_new_tokens, item.instruction, item.input) for item in instructions]
+    source = _endpoint_identity(endpoint) if endpoint is not None else _model_identity(model, tokenizer)
+    keys = [_cache_key(system, source, template, max_new_tokens, item.instruction, item.input) for item in instructions]
     missing = [(key, item) for key, item in zip(keys, instructions) if key not in known]
     bar = progress_bar(total=len(missing), desc=f"{system} replies", unit="reply")
     for start in range(0, len(missing), batch_size):
@@ -500,6 +558,13 @@ def blind_pairs(rater: str, items: Sequence[Any], first: Sequence[str], second: 
     return pairs
 
 
+def votes_file(profile: Any) -> Path:
+    """Return the JSONL file where chapter 5 keeps the profile's blind votes: in the profile's run folder, beside
+    the recipe and never inside a stage folder, so rerunning the evaluate stage (a new fine-tune, a changed
+    setting) cannot delete what people voted."""
+    return profile.run_dir("votes") / "votes.jsonl"
+
+
 def record_vote(path: str | os.PathLike, rater: str, pair: BlindPair, choice: str) -> Vote:
     """Append one vote to the votes JSONL file (one whole line, synced: a kill never leaves half a vote)."""
     from alpaca_nb.jsonl import append_records
@@ -600,10 +665,16 @@ class EvaluationResults:
     replies: list[SystemReply]  # to the user-oriented instructions, in their order
     reference_answers: list[str]  # text-davinci-003's real answers to the same instructions
     probe_replies: list[SystemReply]
-    hallucination: dict[str, Any]  # probes, correct, incorrect, abstained, rate, ci
+    hallucination: dict[str, Any]  # hallucination.probe_summary: verdict counts, answered, rate (wrong / answered), ci
     truthfulqa: dict[str, Any] | None  # None for an endpoint (no log-likelihoods)
     judge: dict[str, Any] | None  # the judge's calibration and its verdicts against text-davinci-003
     lengths: dict[str, float]
+
+    @property
+    def stopped_reason(self) -> str | None:
+        """Why the judge stopped before judging every pair (the budget, a refused key, a dead server, a failed
+        call); None when it judged them all or there was no judge."""
+        return (self.judge or {}).get("stopped_reason")
 
     def truthfulqa_result(self) -> Any:
         """Return the TruthfulQA scores as ``hallucination.truthfulqa_mc`` returned them (None for an endpoint)."""
@@ -617,18 +688,19 @@ class EvaluationResults:
 
 
 def run_evaluation(out_dir: str | os.PathLike, system: str, *, template: str, model: Any = None, tokenizer: Any = None,
-                   endpoint: Any = None, instructions: int = 16, max_new_tokens: int = 128,
+                   endpoint: Any = None, instructions: int = 16, max_new_tokens: int = 128, probes: int | None = None,
                    probe_max_new_tokens: int = 32, truthfulqa_questions: int | None = 200, judge: Any = None,
                    judge_calibration_pairs: int = 24, judge_budget_usd: float | None = None,
                    concurrency: int = 8) -> EvaluationResults:
     """Run chapter 5's evaluation of one system and write it to ``out_dir`` (replies cached, rerun-safe).
 
     Replies to the first ``instructions`` user-oriented instructions beside text-davinci-003's, the probe
-    set with hallucination rates, TruthfulQA MC1/MC2 (in-process models only), and, with a ``judge``
-    endpoint, the judge's calibration on AlpacaEval and its verdicts against text-davinci-003.
+    set's first ``probes`` (None: all) with hallucination rates, TruthfulQA MC1/MC2 (in-process models only),
+    and, with a ``judge`` endpoint, the judge's calibration on AlpacaEval and its verdicts against
+    text-davinci-003. A judge that stops early leaves ``stopped_reason`` set: the results cover a subset.
     """
     from alpaca_nb.data import load_alpaca_eval_annotations, load_davinci_eval_answers, load_eval_instructions
-    from alpaca_nb.hallucination import hallucination_table, load_probes, truthfulqa_mc
+    from alpaca_nb.hallucination import load_probes, probe_summary, truthfulqa_mc
     from alpaca_nb.jsonl import write_text_atomically
 
     out = Path(out_dir)
@@ -637,12 +709,9 @@ def run_evaluation(out_dir: str | os.PathLike, system: str, *, template: str, mo
     asked = load_eval_instructions()[:instructions]
     reference = load_davinci_eval_answers()[:instructions]
     replies = generate_replies(system, asked, max_new_tokens=max_new_tokens, **source)
-    probes = load_probes()
-    probe_replies = generate_replies(system, probes, max_new_tokens=probe_max_new_tokens, **source)
-    row = hallucination_table({system: [r.output for r in probe_replies]}, probes).loc[system]
-    hallucination = {"probes": int(row["probes"]), "correct": int(row["correct"]), "incorrect": int(row["incorrect"]),
-                     "abstained": int(row["abstained"]), "rate": float(row["hallucination rate"]),
-                     "ci": [float(row["95% low"]), float(row["95% high"])]}
+    asked_probes = load_probes()[:probes]  # the first ones, as chapter 5 asks the model before the fine-tune
+    probe_replies = generate_replies(system, asked_probes, max_new_tokens=probe_max_new_tokens, **source)
+    hallucination = probe_summary(probe_replies, asked_probes)
     truthfulqa = None
     if model is not None:
         scored = truthfulqa_mc(model, tokenizer, limit=truthfulqa_questions)
@@ -670,7 +739,10 @@ def _judge_summary(judge, system, reference, replies, annotations, calibration_c
     calibration_run = judge_pairs(judge, chosen, **options)
     verdict_run = judge_pairs(judge, reply_pairs(reference, replies, "text-davinci-003", system), **options)
     summary: dict[str, Any] = {"judge": judge.model, "stopped_reason": verdict_run.stopped_reason
-                               or calibration_run.stopped_reason, "spent_usd": verdict_run.spent_usd}
+                               or calibration_run.stopped_reason, "spent_usd": verdict_run.spent_usd,
+                               # how far a stopped judge got: the stage reports "judged of pairs"
+                               "judged": sum(v is not None for run in (calibration_run, verdict_run) for v in run.verdicts),
+                               "pairs": len(calibration_run.verdicts) + len(verdict_run.verdicts)}
     if any(v is not None for v in calibration_run.verdicts):
         summary["calibration"] = asdict(calibrate(calibration_run.verdicts, chosen))
     if any(v is not None for v in verdict_run.verdicts):

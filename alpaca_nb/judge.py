@@ -28,12 +28,15 @@ from alpaca_nb.progress import progress_bar
 __all__ = [
     "Calibration",
     "JudgeRun",
+    "JudgeUsability",
+    "MIN_JUDGE_AGREEMENT",
     "PairVerdict",
     "calibrate",
     "calibration_pairs",
     "judge_endpoint",
     "judge_pairs",
     "judge_prompt",
+    "judge_usability",
     "parse_choice",
     "reply_pairs",
     "verdict_records",
@@ -42,7 +45,8 @@ __all__ = [
 ]
 
 JUDGE_MAX_TOKENS = 8
-_CHOICE = re.compile(r"output\s*\(?\s*([ab])\s*\)?", re.IGNORECASE)
+# Word boundaries on both sides: "output better" or "the output above" must not read as a choice.
+_CHOICE = re.compile(r"\boutput\s*\(?\s*([ab])\b\s*\)?", re.IGNORECASE)
 
 
 def judge_prompt() -> str:
@@ -97,7 +101,9 @@ def _read_cache(path: Path | None) -> dict[str, str | None]:
     for number, record in read_records(path):
         if not isinstance(record.get("key"), str) or record.get("choice") not in ("a", "b", None):
             raise DataError(f"{path}, line {number}: not a judgement record; the file is unchanged: delete it to judge again")
-        cached[record["key"]] = record["choice"]
+        # The judge's words are kept, so a mended parser re-reads old judgements instead of trusting them.
+        reply = record.get("reply")
+        cached[record["key"]] = parse_choice(reply) if isinstance(reply, str) else record["choice"]
     return cached
 
 
@@ -113,9 +119,11 @@ def judge_pairs(endpoint: Endpoint, pairs: Sequence[PairwiseJudgement], ledger_p
                 price_as: str | None = None) -> JudgeRun:
     """Ask ``endpoint`` to judge each pair in both orders; every call lands in the ledger as stage ``judge``.
 
-    No call starts whose worst-case cost could pass ``budget_usd``; judged prompts are cached in
+    No call, and no retry, starts whose worst-case cost could pass ``budget_usd``; judged prompts are cached in
     ``cache`` (JSONL), so a rerun asks only what is missing. ``pairs`` are in AlpacaEval's format
-    (``data.PairwiseJudgement``; its ``preference`` is ignored here).
+    (``data.PairwiseJudgement``; its ``preference`` is ignored here). Ctrl-C (KeyboardInterrupt) stops the
+    run at once: queued calls are cancelled, the calls in flight finish and are cached and ledgered, then the
+    interrupt is raised again.
     """
     from alpaca_nb.jsonl import append_records
 
@@ -139,31 +147,36 @@ def judge_pairs(endpoint: Endpoint, pairs: Sequence[PairwiseJudgement], ledger_p
     def ask(prompt: str) -> None:
         if stopped:
             return
+        # Every attempt, retries included, reserves this prompt's worst case (Endpoint.complete's budget).
+        budget = ledger.call_budget(endpoint.model, count_tokens(prompt, ledger.price_as or endpoint.model),
+                                    JUDGE_MAX_TOKENS)
         try:
-            reservation = ledger.reserve(endpoint.model, count_tokens(prompt, ledger.price_as or endpoint.model),
-                                         JUDGE_MAX_TOKENS)
+            reply = endpoint.complete([{"role": "user", "content": prompt}], budget=budget,
+                                      max_tokens=JUDGE_MAX_TOKENS, temperature=0.0)
         except BudgetExceeded as error:
             stopped.append(f"stopped before the budget could be exceeded: {error}")
             return
-        try:
-            reply = endpoint.complete([{"role": "user", "content": prompt}], max_tokens=JUDGE_MAX_TOKENS, temperature=0.0)
         except (AuthenticationError, ServerExitedError) as error:
             stopped.append(f"stopped: {error}")
             return
         except LLMError as error:
             stopped.append(f"stopped: a judge call failed after retries: {error}")
             return
-        finally:
-            ledger.release(reservation)
         choice = parse_choice(reply.text)
         if cache_path is not None:
             append_records(cache_path, [{"key": _key(endpoint.model, prompt), "choice": choice, "reply": reply.text}])
         known[_key(endpoint.model, prompt)] = choice
 
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=concurrency)
     try:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
-            list(progress_bar(pool.map(ask, missing), total=len(missing), desc=f"judge {endpoint.model}", unit="call"))
+        list(progress_bar(pool.map(ask, missing), total=len(missing), desc=f"judge {endpoint.model}", unit="call"))
+    except KeyboardInterrupt:
+        # Without this, leaving the pool would wait for every queued call: Ctrl-C would keep calling the judge.
+        stopped.append("interrupted")  # a worker between two calls starts no other
+        pool.shutdown(wait=True, cancel_futures=True)  # the calls in flight finish, and are cached and ledgered
+        raise
     finally:
+        pool.shutdown(wait=True)
         endpoint.on_call = previous_hook
     verdicts: list[PairVerdict | None] = []
     for pair in pairs:
@@ -203,6 +216,33 @@ def calibrate(verdicts: Sequence[PairVerdict | None], reference: Sequence[Pairwi
     answers = [choice for v, _ in both for choice in (v.first_order, v.swapped_order) if choice is not None]
     return Calibration(len(both), agree / len(both), wilson_interval(agree, len(both)), contradict / len(both),
                        wilson_interval(contradict, len(both)), answers.count("a") / len(answers) if answers else 0.0)
+
+
+# A floor, not a seal of quality. AlpacaEval's table of evaluators (src/alpaca_eval/configs/README.md) puts
+# human annotators' agreement with each other at 65.7 % and GPT-4's with humans at 66.6 %; a judge far below
+# that measures its own noise, and its win rate must not stand beside the release's human one.
+MIN_JUDGE_AGREEMENT = 0.60
+
+
+@dataclass(frozen=True)
+class JudgeUsability:
+    """Whether a judge's win rates may be reported, and why, in a sentence a reader can check."""
+
+    usable: bool
+    reason: str
+
+
+def judge_usability(calibration: Calibration | None, threshold: float = MIN_JUDGE_AGREEMENT) -> JudgeUsability:
+    """Return whether a judge agrees with GPT-4 at least ``threshold`` of the time on its calibration pairs."""
+    if calibration is None:
+        return JudgeUsability(False, "not usable: no calibration pair was judged, so its agreement is unknown")
+    low, high = calibration.agreement_ci
+    measured = (f"agrees with GPT-4 on {calibration.agreement:.0%} of {calibration.pairs} pairs "
+                f"(95 % {low:.0%} to {high:.0%})")
+    if calibration.agreement >= threshold:
+        return JudgeUsability(True, f"usable: {measured}, at or above the {threshold:.0%} floor")
+    return JudgeUsability(False, f"not usable: {measured}, below the {threshold:.0%} floor; its win rates are not "
+                                 "reported")
 
 
 def verdict_records(verdicts: Sequence[PairVerdict | None]) -> list[dict[str, Any]]:
@@ -246,8 +286,12 @@ def reply_pairs(reference: Sequence[Any], replies: Sequence[Any], reference_name
             for answer, reply in zip(reference, replies, strict=True)]
 
 
-def verdict_table(runs: dict[str, JudgeRun]) -> "pd.DataFrame":
-    """Return each system's judged win rate over the reference, with its interval and sign test."""
+def verdict_table(runs: dict[str, JudgeRun], usability: JudgeUsability | None = None) -> "pd.DataFrame":
+    """Return each system's judged win rate over the reference, with its interval and sign test.
+
+    With a ``usability`` that says the judge is not usable, the counts stay and the rate, its interval and
+    the test are None: a reader sees the verdicts without a win rate that would mislead.
+    """
     import pandas as pd
 
     rows = []
@@ -256,4 +300,6 @@ def verdict_table(runs: dict[str, JudgeRun]) -> "pd.DataFrame":
         rows.append({"system": system, "wins": result.wins, "losses": result.losses, "ties (incl. inconsistent)": result.ties,
                      "win rate": result.rate, "95% low": result.ci_low, "95% high": result.ci_high,
                      "sign-test p": result.p_value, "unjudged": sum(v is None for v in run.verdicts)})
+        if usability is not None and not usability.usable:
+            rows[-1].update({"win rate": None, "95% low": None, "95% high": None, "sign-test p": None})
     return pd.DataFrame(rows).set_index("system")

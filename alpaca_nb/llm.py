@@ -42,12 +42,16 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, Mapping
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Protocol
 
+import httpx
 import openai
+
+from alpaca_nb.processes import start_in_own_session, stop_process_tree
 
 __all__ = [
     "LOCAL_MODEL_ALIAS",
+    "AttemptBudget",
     "AuthenticationError",
     "CallRecord",
     "Completion",
@@ -90,6 +94,29 @@ class CallRecord:
     finish_reason: str | None
     request_id: str  # the server's response id, else a generated uuid4 hex
     attempt: int  # 1-based
+    # True when the tokens are the call budget's worst-case estimate, not the server's count: a failed attempt
+    # that reached the server (a timeout, a cut body, a 5xx, an interrupt) may have been billed without a usage
+    # report, and the ledger must not book it as free.
+    usage_estimated: bool = False
+
+
+class AttemptBudget(Protocol):
+    """Money held for one call, one reservation per HTTP attempt (``costs.Ledger.call_budget`` makes one).
+
+    ``reserve`` raises (``costs.BudgetExceeded``) when one more attempt might not fit; the call then stops with
+    that error instead of retrying. ``estimated_usage`` (prompt, completion tokens) is booked for a failed
+    attempt the server may have billed without saying how much.
+    """
+
+    @property
+    def held(self) -> int: ...
+
+    @property
+    def estimated_usage(self) -> tuple[int, int]: ...
+
+    def reserve(self) -> None: ...
+
+    def release(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -114,7 +141,8 @@ class Endpoint:
     ``api`` is "chat" (messages) or "completions" (raw text). Each HTTP attempt waits at most
     ``timeout`` seconds; at most ``max_retries`` retries follow the first attempt, after
     ``Retry-After`` or a random wait of up to ``min(backoff_max, backoff_base * 2**(attempt-1))``.
-    ``on_call`` receives a :class:`CallRecord` for every attempt.
+    ``on_call`` receives a :class:`CallRecord` for every attempt. A ``budget`` passed to ``complete`` or
+    ``acomplete`` is reserved again before every attempt, retries included (:class:`AttemptBudget`).
     """
 
     def __init__(
@@ -160,27 +188,46 @@ class Endpoint:
         return (f"Endpoint(base_url={self.base_url!r}, model={self.model!r}, api={self.api!r}, "
                 f"api_key_env={self.api_key_env!r})")
 
-    def complete(self, prompt: str | list[dict], **sampling: Any) -> Completion:
-        """Return the model's completion of ``prompt``, retrying transient failures (blocking)."""
-        call = _Call(self, prompt, sampling)
-        client = self._openai_client()
-        while True:
-            call.start_attempt()
-            try:
-                return call.succeeded(call.send(client))
-            except _ATTEMPT_ERRORS as exc:
-                time.sleep(call.failed(exc))  # raises LLMError when there is no next attempt
+    def complete(self, prompt: str | list[dict], *, budget: AttemptBudget | None = None, **sampling: Any) -> Completion:
+        """Return the model's completion of ``prompt``, retrying transient failures (blocking).
 
-    async def acomplete(self, prompt: str | list[dict], **sampling: Any) -> Completion:
-        """Like :meth:`complete`, for ``asyncio``: run many with ``asyncio.gather`` for throughput."""
-        call = _Call(self, prompt, sampling)
+        With ``budget``, each attempt holds its own reservation; when the budget refuses one, its error is raised.
+        """
+        call = _Call(self, prompt, sampling, budget)
+        client = self._openai_client()
+        try:
+            while True:
+                call.start_attempt()
+                try:
+                    return call.succeeded(call.send(client))
+                except _ATTEMPT_ERRORS as exc:
+                    wait_s = call.failed(exc)  # raises LLMError when there is no next attempt
+                time.sleep(wait_s)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            call.interrupted()
+            raise
+        finally:
+            call.release_budget()
+
+    async def acomplete(self, prompt: str | list[dict], *, budget: AttemptBudget | None = None,
+                        **sampling: Any) -> Completion:
+        """Like :meth:`complete`, for ``asyncio``: run many with ``asyncio.gather`` for throughput. Cancelling the
+        task cancels the attempt in flight (booked as an interrupted attempt) and starts no other."""
+        call = _Call(self, prompt, sampling, budget)
         client = await self._async_openai_client()
-        while True:
-            call.start_attempt()
-            try:
-                return call.succeeded(await call.send(client))
-            except _ATTEMPT_ERRORS as exc:
-                await asyncio.sleep(call.failed(exc))
+        try:
+            while True:
+                call.start_attempt()
+                try:
+                    return call.succeeded(await call.send(client))
+                except _ATTEMPT_ERRORS as exc:
+                    wait_s = call.failed(exc)
+                await asyncio.sleep(wait_s)
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            call.interrupted()
+            raise
+        finally:
+            call.release_budget()
 
     def _client_options(self) -> dict[str, Any]:
         # max_retries=0: the client must not retry behind our back, or attempts would go unrecorded.
@@ -260,21 +307,29 @@ class _Failure:
     retryable: bool
     retry_after_s: float | None
     request_id: str
+    may_be_billed: bool = False  # the request reached the server, which may have done (and billed) the work
+    reported_usage: tuple[int, int] | None = None  # (prompt, completion) tokens, when the error body gave them
 
 
 class _Call:
     """The state of one ``complete``/``acomplete`` call; all retry logic shared by both shells."""
 
-    def __init__(self, endpoint: Endpoint, prompt: str | list[dict], sampling: dict[str, Any]) -> None:
+    def __init__(self, endpoint: Endpoint, prompt: str | list[dict], sampling: dict[str, Any],
+                 budget: AttemptBudget | None = None) -> None:
         self.endpoint = endpoint
         self.request = _request_arguments(endpoint.model, endpoint.api, prompt, sampling)
+        self.budget = budget
         self.started = time.monotonic()
         self.attempt = 0
         self.attempt_started = self.started
+        self.in_flight = False  # an attempt was sent and has not been recorded yet
 
     def start_attempt(self) -> None:
+        if self.budget is not None and self.budget.held == 0:
+            self.budget.reserve()  # raises when this attempt might not fit: nothing is sent
         self.attempt += 1
         self.attempt_started = time.monotonic()
+        self.in_flight = True
 
     def send(self, client: openai.OpenAI | openai.AsyncOpenAI) -> Any:
         """Issue the request; returns the raw response (a coroutine of it for the async client)."""
@@ -289,6 +344,7 @@ class _Call:
         now = time.monotonic()
         self._record("ok", raw.status_code, "", now - self.attempt_started, request_id,
                      prompt_tokens, completion_tokens, finish_reason)
+        self._attempt_done()
         return Completion(text=text, finish_reason=finish_reason, prompt_tokens=prompt_tokens,
                           completion_tokens=completion_tokens, latency_s=now - self.started,
                           request_id=request_id, model=self.endpoint.model, attempts=self.attempt)
@@ -298,8 +354,13 @@ class _Call:
         failure = _classify(exc)
         exited = _exited_server_message(self.endpoint.base_url) if failure.retryable else None
         final = exited is not None or not failure.retryable or self.attempt > self.endpoint.max_retries
-        self._record("error" if final else "retry", failure.status, failure.error,
-                     time.monotonic() - self.attempt_started, failure.request_id)
+        if not final and self.budget is not None:
+            try:
+                self.budget.reserve()  # the retry's own reservation, taken while this attempt's is still held
+            except Exception as refusal:  # the budget refuses the retry: this attempt was the last
+                self._record_failure("error", failure)
+                raise refusal from None  # the failed attempt's exception may quote the key: keep it out of tracebacks
+        self._record_failure("error" if final else "retry", failure)
         if exited is not None:
             raise ServerExitedError(f"{self.endpoint.model} at {self.endpoint.base_url}: {exited}") from None
         if final:
@@ -308,14 +369,42 @@ class _Call:
             return failure.retry_after_s
         return _backoff_s(self.attempt, self.endpoint.backoff_base, self.endpoint.backoff_max)
 
+    def interrupted(self) -> None:
+        """Book an attempt cut off by Ctrl-C or a cancelled task: the server may finish and bill it anyway."""
+        if self.in_flight:
+            self._record_failure("error", _Failure(None, "interrupted", "", False, None, uuid.uuid4().hex,
+                                                   may_be_billed=True))
+
+    def release_budget(self) -> None:
+        """Give back every reservation still held (a retry's, when the call ended during its wait)."""
+        while self.budget is not None and self.budget.held > 0:
+            self.budget.release()
+
+    def _record_failure(self, outcome: str, failure: _Failure) -> None:
+        """Record a failed attempt with the usage the server reported, else the budget's estimate when the server
+        may have billed it, else no tokens; then give back its reservation."""
+        usage, estimated = failure.reported_usage, False
+        if usage is None and failure.may_be_billed and self.budget is not None:
+            usage, estimated = self.budget.estimated_usage, True
+        prompt_tokens, completion_tokens = usage or (0, 0)
+        self._record(outcome, failure.status, failure.error, time.monotonic() - self.attempt_started,
+                     failure.request_id, prompt_tokens, completion_tokens, usage_estimated=estimated)
+        self._attempt_done()
+
+    def _attempt_done(self) -> None:
+        self.in_flight = False
+        if self.budget is not None and self.budget.held > 0:
+            self.budget.release()
+
     def _record(self, outcome: str, status: int | None, error: str, latency_s: float, request_id: str,
-                prompt_tokens: int = 0, completion_tokens: int = 0, finish_reason: str | None = None) -> None:
+                prompt_tokens: int = 0, completion_tokens: int = 0, finish_reason: str | None = None,
+                usage_estimated: bool = False) -> None:
         if self.endpoint.on_call is None:
             return
         self.endpoint.on_call(CallRecord(
             model=self.endpoint.model, api=self.endpoint.api, outcome=outcome, status=status, error=error,
             prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, latency_s=latency_s,
-            finish_reason=finish_reason, request_id=request_id, attempt=self.attempt))
+            finish_reason=finish_reason, request_id=request_id, attempt=self.attempt, usage_estimated=usage_estimated))
 
     def _final_error(self, failure: _Failure) -> LLMError:
         endpoint = self.endpoint
@@ -367,22 +456,38 @@ def _parse_completion(raw: Any, api: str) -> tuple[str, str, tuple[int, int], st
 def _classify(exc: Exception) -> _Failure:
     """Turn the exception of one attempt into a _Failure (status, short error, retryable?)."""
     fresh_id = uuid.uuid4().hex
-    if isinstance(exc, _InvalidBody):
-        return _Failure(exc.status, "invalid response body", "", True, None, fresh_id)
+    if isinstance(exc, _InvalidBody):  # a 2xx whose body was cut or mangled: the work was done
+        return _Failure(exc.status, "invalid response body", "", True, None, fresh_id, may_be_billed=True)
     if isinstance(exc, openai.APITimeoutError):
-        return _Failure(None, "timeout", "", True, None, fresh_id)
+        # A request that was sent may still be finished (and billed) after the client stopped waiting.
+        sent = not isinstance(exc.__cause__, httpx.ConnectTimeout)
+        return _Failure(None, "timeout", "", True, None, fresh_id, may_be_billed=sent)
     if isinstance(exc, openai.APIConnectionError):
         cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection failed"
-        return _Failure(None, f"connection error ({cause})", "", True, None, fresh_id)
+        sent = not isinstance(exc.__cause__, httpx.ConnectError)  # dropped mid-response, not refused
+        return _Failure(None, f"connection error ({cause})", "", True, None, fresh_id, may_be_billed=sent)
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         retryable = status == 429 or status >= 500
         retry_after = _retry_after_s(exc.response.headers) if retryable else None
+        # A 4xx (429 included) is refused before any generation; a 5xx may come after the work was done.
         return _Failure(status, _status_text(status), _server_message(exc.body), retryable, retry_after,
-                        exc.request_id or fresh_id)
+                        exc.request_id or fresh_id, may_be_billed=status >= 500,
+                        reported_usage=_reported_usage(exc.body))
     if isinstance(exc, openai.APIResponseValidationError):
-        return _Failure(exc.status_code, "invalid response body", "", True, None, fresh_id)
+        return _Failure(exc.status_code, "invalid response body", "", True, None, fresh_id, may_be_billed=True)
     return _Failure(None, type(exc).__name__, "", False, None, fresh_id)
+
+
+def _reported_usage(body: object) -> tuple[int, int] | None:
+    """(prompt, completion) tokens from an error body's ``usage`` object, when the server sent one."""
+    usage = body.get("usage") if isinstance(body, Mapping) else None
+    if not isinstance(usage, Mapping):
+        return None
+    prompt_tokens, completion_tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if isinstance(prompt_tokens, int) and isinstance(completion_tokens, int):
+        return prompt_tokens, completion_tokens
+    return None
 
 
 def _status_text(status: int) -> str:
@@ -533,7 +638,8 @@ def local_server(
     default to the profile's ``server_parallel`` and ``server_context``. ``port=None`` picks a free
     port. The server's output goes to ``log_path`` (a temporary file when None, removed afterwards
     unless the server died). If the process exits while the block runs, calls to it raise
-    :class:`ServerExitedError` at once, naming the exit and the log.
+    :class:`ServerExitedError` at once, naming the exit and the log. The server runs in a session of its own
+    and, on Linux, gets SIGTERM if the thread that started it ends, even by SIGKILL (:mod:`alpaca_nb.processes`).
     """
     with _running_server(gguf, host, port, n_ctx, parallel, startup_timeout, log_path) as (server, _process):
         yield server
@@ -570,7 +676,9 @@ def _running_server(gguf: str | Path | None, host: str, port: int | None, n_ctx:
                "--port", str(port), "--ctx-size", str(n_ctx), "--parallel", str(parallel),
                "--threads", str(os.cpu_count() or 1), "--no-webui"]
     with open(log, "ab") as log_file:  # the child keeps its own copy of the descriptor
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # Its own session, and on Linux SIGTERM when this thread ends: a SLURM SIGTERM or a killed kernel must
+        # not leave the server running (alpaca_nb.processes says how).
+        process = start_in_own_session(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     # A server bound to every interface is still reached through the loopback address.
     client_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     server = LocalServer(base_url=f"http://{client_host}:{port}/v1", model=LOCAL_MODEL_ALIAS, pid=process.pid,
@@ -641,12 +749,5 @@ def _log_tail(log: Path, lines: int = 20) -> str:
 
 
 def _stop(process: subprocess.Popen) -> None:
-    """Stop our own server process by its pid: SIGTERM, a grace period, then SIGKILL."""
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    """Stop our own server and its process group: SIGTERM, up to 10 s, then SIGKILL."""
+    stop_process_tree(process, grace_s=10.0)

@@ -7,8 +7,9 @@ the short rule set in ``moderation_rules.toml`` for categories the classifier do
 The watermark is Kirchenbauer et al. (2023), "A Watermark for Large Language Models", through transformers'
 own implementation (``WatermarkingConfig``, ``WatermarkDetector``), at the paper's settings: a green list of
 gamma = 0.25 of the vocabulary, seeded by the previous token ("lefthash", context width 1, the paper's
-main scheme), whose logits get delta = 2.0 added, and detection at z = 4. Only generated tokens are scored,
-and a repeated bigram counts once, as the authors advise.
+main scheme), whose logits get delta = 2.0 added before the temperature divides them, as in the authors'
+code (``watermarking_config`` says why transformers is given delta / T), and detection at z = 4. Only
+generated tokens are scored, and a repeated bigram counts once, as the authors advise.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ __all__ = [
     "plot_watermark",
     "read_experiment",
     "run_watermark_experiment",
+    "watermark_settings",
     "watermarking_config",
     "write_experiment",
 ]
@@ -64,6 +66,7 @@ __all__ = [
 GAMMA = 0.25          # the paper's green-list fraction
 DELTA = 2.0           # the paper's logit bias
 DETECTION_Z = 4.0     # the paper's threshold (transformers defaults to 3)
+SAMPLING_TEMPERATURE = 0.7  # the authors' --sampling_temp in the runs behind the paper's Table 2
 SEEDING_SCHEME = "lefthash"
 MODERATION_MODEL = "omni-moderation-latest"
 OFFENSIVE_THRESHOLD = 0.5  # alt-profanity-check's own decision boundary (its ``predict``)
@@ -236,11 +239,30 @@ def checker_mistakes(prompts: Sequence[LabelledPrompt], verdicts: Sequence[Moder
 # --------------------------------------------------------------------------- the watermark
 
 
-def watermarking_config():
-    """Return the paper's watermark as transformers' ``WatermarkingConfig``: gamma 0.25, delta 2, lefthash."""
+def watermarking_config(temperature: float | None):
+    """Return the paper's watermark as transformers' ``WatermarkingConfig`` for sampling at ``temperature``.
+
+    Gamma 0.25, lefthash, and delta = 2 added to the model's logits *before* temperature, as the authors' code
+    does: their ``WatermarkLogitsProcessor`` goes in ``generate(logits_processor=...)``, which transformers runs
+    before the temperature warper (lm-watermarking ``demo_watermark.py`` and ``experiments/run_watermarking.py``,
+    ``--sampling_temp 0.7``, the setting of the paper's Table 2). transformers 5.24 applies its own watermark
+    *after* the warpers (``generation/utils.py``, ``_get_logits_processor``: ``TemperatureLogitsWarper`` is
+    appended at lines 1618-1619, the watermark processor at 1652-1659, "Watermarking should be after all logits
+    processing is finished (see #34630)"), so it is handed ``delta / T``: softmax((l + delta) / T) is
+    softmax(l / T + delta / T). ``None`` (or 0) means greedy or beam search, where no temperature applies.
+    Left as it differs: top-k and top-p cut the vocabulary before transformers' watermark, after the authors'.
+    """
     from transformers import WatermarkingConfig
 
-    return WatermarkingConfig(greenlist_ratio=GAMMA, bias=DELTA, seeding_scheme=SEEDING_SCHEME, context_width=1)
+    bias = DELTA / temperature if temperature else DELTA
+    return WatermarkingConfig(greenlist_ratio=GAMMA, bias=bias, seeding_scheme=SEEDING_SCHEME, context_width=1)
+
+
+def watermark_settings() -> dict[str, Any]:
+    """Return the watermark's parameters as a recipe stage records them: a change to any reruns the stage."""
+    return {"gamma": GAMMA, "delta": DELTA, "delta_applied": "before temperature (transformers' bias = delta / T)",
+            "seeding_scheme": SEEDING_SCHEME, "context_width": 1, "detection_z": DETECTION_Z,
+            "sampling_temperature": SAMPLING_TEMPERATURE}
 
 
 @dataclass(frozen=True)
@@ -256,7 +278,7 @@ class Generation:
 
 def generate_watermarked(
     model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, watermark: bool = True,
-    temperature: float = 0.7, min_new_tokens: int = 0, seed: int = 0, batch_size: int = 64,
+    temperature: float = SAMPLING_TEMPERATURE, min_new_tokens: int = 0, seed: int = 0, batch_size: int = 64,
     add_special_tokens: bool = True,
 ) -> list[Generation]:
     """Sample a continuation of each prompt (multinomial, ``temperature``), watermarked unless ``watermark`` is off.
@@ -267,7 +289,7 @@ def generate_watermarked(
     """
     if temperature <= 0:
         raise ValueError("temperature must be above 0: the watermark is measured on sampled text")
-    config = watermarking_config() if watermark else None
+    config = watermarking_config(temperature) if watermark else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generations = []
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -327,17 +349,29 @@ def detect_watermark(
                             float(out.green_fraction[0]), bool(out.prediction[0]))
 
 
-_DETECTORS: dict[tuple[int, str], Any] = {}
+_DETECTORS: dict[tuple[int, int | None, str], Any] = {}
 
 
 def _detector(model_config: Any, device: str) -> Any:
-    """Return one detector per (model config, device): its green-list cache is kept between texts."""
+    """Return one detector per (what it reads from the model config, device): its green-list cache is kept.
+
+    Keyed by content, never by ``id(model_config)``: a freed config's id can be reused by another model's, and
+    ``resize_token_embeddings`` changes ``vocab_size`` in place. The detector reads gamma, the hash key, the
+    seeding scheme and the context width; never the bias, so detection is the same whatever the temperature.
+    """
     from transformers import WatermarkDetector
 
-    key = (id(model_config), device)
+    key = _detector_key(model_config, device)
     if key not in _DETECTORS:
-        _DETECTORS[key] = WatermarkDetector(model_config, device, watermarking_config(), ignore_repeated_ngrams=True)
+        _DETECTORS[key] = WatermarkDetector(model_config, device, watermarking_config(None),
+                                            ignore_repeated_ngrams=True)
     return _DETECTORS[key]
+
+
+def _detector_key(model_config: Any, device: str) -> tuple[int, int | None, str]:
+    """Return the fields of ``model_config`` that ``WatermarkDetector`` reads (vocabulary size, first token)."""
+    first = model_config.decoder_start_token_id if model_config.is_encoder_decoder else model_config.bos_token_id
+    return model_config.vocab_size, first, device
 
 
 def edit_tokens(ids: Sequence[int], fraction: float, vocab_size: int, seed: int = 0) -> tuple[int, ...]:
@@ -397,7 +431,7 @@ class WatermarkExperiment:
 
 def run_watermark_experiment(
     model: Any, tokenizer: Any, prompts: Sequence[str], lengths: Sequence[int] = (25, 50, 100, 200),
-    edit_fractions: Sequence[float] = (0.1, 0.2, 0.3, 0.5), temperature: float = 0.7, seed: int = 0,
+    edit_fractions: Sequence[float] = (0.1, 0.2, 0.3, 0.5), temperature: float = SAMPLING_TEMPERATURE, seed: int = 0,
     add_special_tokens: bool = False,
 ) -> WatermarkExperiment:
     """Sample every prompt to ``max(lengths)`` tokens with and without the watermark, then detect on prefixes.
@@ -502,20 +536,21 @@ def _auc(marked: Sequence[float], plain: Sequence[float]) -> float:
 
 
 # Kirchenbauer et al. (2023), arXiv:2301.10226, Table 2: OPT-1.3B, T = 200 tokens, gamma 0.25, delta 2.0,
-# multinomial sampling, detection at z = 4.
+# multinomial sampling, detection at z = 4. Their runs sampled at temperature 0.7, delta added before it
+# (lm-watermarking, experiments/README.md and run_watermarking.py).
 PAPER_SOURCE = "Kirchenbauer et al. (2023), A Watermark for Large Language Models, arXiv:2301.10226, Table 2"
 PAPER_TRUE_POSITIVE_RATE = 0.994
 PAPER_TOKENS = 200
 
 
 def paper_comparison(detection: "pd.DataFrame") -> str:
-    """Return a sentence setting this run's detection at its longest length beside the paper's at T = 200."""
+    """Return a sentence setting this run's detection at its longest length beside the paper's at 200 tokens."""
     longest = int(detection.index.max())
     row = detection.loc[longest]
     return (f"Here, {longest} tokens: {row['detected (true positives)']:.1%} of watermarked texts detected at "
             f"z > {DETECTION_Z:g}, {row['false positives']:.1%} of plain texts flagged ({int(row['texts'])} of each). "
-            f"The paper: {PAPER_TRUE_POSITIVE_RATE:.1%} detected at T = {PAPER_TOKENS} with OPT-1.3B, multinomial "
-            f"sampling, gamma {GAMMA}, delta {DELTA} ({PAPER_SOURCE}).")
+            f"The paper: {PAPER_TRUE_POSITIVE_RATE:.1%} detected at {PAPER_TOKENS} tokens with OPT-1.3B, multinomial "
+            f"sampling at temperature {SAMPLING_TEMPERATURE}, gamma {GAMMA}, delta {DELTA} ({PAPER_SOURCE}).")
 
 
 def plot_watermark(experiment: WatermarkExperiment):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
+from alpaca_nb.api_costs import CallBudget
 from alpaca_nb.costs import BudgetExceeded, Ledger, count_tokens
 from alpaca_nb.data import AlpacaRecord, load_prompt_template, load_seed_tasks
 from alpaca_nb.jsonl import append_records, read_records
@@ -463,9 +464,11 @@ def generate(
     ``max_requests`` also stops the run after that many finished requests (counted across restarts),
     which bounds the time and money a run can take whatever the keep rate turns out to be.
     Resumable: run the same call again after any interruption (SIGKILL included) and it continues.
-    Every call attempt lands in ``out_dir/ledger.jsonl``; no request starts whose worst-case cost
-    could push spending over ``budget_usd``. ``constraint`` (a :class:`FormatConstraint`) makes the
-    teacher keep the block layout; None sends upstream's unconstrained request.
+    Every call attempt lands in ``out_dir/ledger.jsonl``; no request, and no retry, starts whose worst-case
+    cost could push spending over ``budget_usd``. Ctrl-C (KeyboardInterrupt, in a script or in Jupyter)
+    cancels the requests in flight, starts no other and raises; the files stay ready to resume.
+    ``constraint`` (a :class:`FormatConstraint`) makes the teacher keep the block layout; None sends
+    upstream's unconstrained request.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -488,14 +491,42 @@ def generate(
 
 
 def _run_to_completion(coroutine: Any) -> None:
-    """Run ``coroutine`` on a fresh event loop, in a worker thread when one is already running (Jupyter)."""
+    """Run ``coroutine`` on a fresh event loop, in a worker thread when one is already running (Jupyter).
+
+    Ctrl-C cancels it either way, and KeyboardInterrupt is raised once it has cleaned up: ``asyncio.run`` turns
+    SIGINT into the cancellation of its task; in the worker thread, the interrupt lands in this (main) thread,
+    which cancels the task across threads instead of waiting for the whole run to end.
+    """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         asyncio.run(coroutine)
         return
+    handle = _TaskHandle()
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as worker:
-        worker.submit(asyncio.run, coroutine).result()
+        running = worker.submit(asyncio.run, handle.run(coroutine))
+        try:
+            running.result()
+        except KeyboardInterrupt:
+            handle.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                running.result()  # the requests in flight are cancelled and booked
+            raise
+
+
+class _TaskHandle:
+    """The task and loop of a coroutine run in another thread, so that this thread can cancel it."""
+
+    def __init__(self) -> None:
+        self._started = concurrent.futures.Future()
+
+    async def run(self, coroutine: Any) -> Any:
+        self._started.set_result((asyncio.get_running_loop(), asyncio.current_task()))
+        return await coroutine
+
+    def cancel(self) -> None:
+        loop, task = self._started.result()
+        loop.call_soon_threadsafe(task.cancel)
 
 
 def _record_call(ledger: Ledger, call: CallRecord, previous_hook: Any) -> None:
@@ -549,6 +580,12 @@ async def _drive(run: _Run, limits: _Limits, progress: bool) -> None:
                                              f"the last: {run.report.last_error}")
             bar.n = min(run.report.kept, target)
             bar.set_postfix(_postfix(run), refresh=True)
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        # Ctrl-C: a request cancelled in flight wrote nothing (absorb writes both files at once, after the
+        # reply), so a resumed run asks it again; its attempt is in the ledger, as the server may bill it.
+        for task in in_flight:
+            task.cancel()
+        raise
     finally:
         if in_flight:
             await asyncio.wait(in_flight)
@@ -563,21 +600,24 @@ async def _drive(run: _Run, limits: _Limits, progress: bool) -> None:
 def _start(run: _Run, request: int) -> asyncio.Task | None:
     """Start one request if the budget allows it; None (with the reason in the report) if not."""
     prompt = run.prompt(request)
-    prompt_tokens = run.worst_case_prompt_tokens(prompt)
+    budget = run.ledger.call_budget(run.endpoint.model, run.worst_case_prompt_tokens(prompt), run.sampling.max_tokens)
     try:
-        reservation = run.ledger.reserve(run.endpoint.model, prompt_tokens, run.sampling.max_tokens)
+        budget.reserve()  # the first attempt's reservation; acomplete reserves again for each retry
     except BudgetExceeded as error:
         run.report.stopped_reason = f"stopped before the budget could be exceeded: {error}"
         return None
-    return asyncio.get_running_loop().create_task(_request(run, request, prompt, reservation))
+    return asyncio.get_running_loop().create_task(_request(run, request, prompt, budget))
 
 
-async def _request(run: _Run, request: int, prompt: Any, reservation: float) -> bool:
+async def _request(run: _Run, request: int, prompt: Any, budget: CallBudget) -> bool:
     """Send one request and absorb its completion; returns False if it failed for good."""
     try:
         extra = run.constraint.request_args() if run.constraint else {}
-        completion = await run.endpoint.acomplete(prompt, seed=run.seed * 1_000_003 + request,
+        completion = await run.endpoint.acomplete(prompt, budget=budget, seed=run.seed * 1_000_003 + request,
                                                   **run.sampling.request_args(), **extra)
+    except BudgetExceeded as error:  # a retry did not fit
+        run.report.stopped_reason = f"stopped before the budget could be exceeded: {error}"
+        return False
     except (AuthenticationError, ServerExitedError) as error:  # no later request can succeed
         run.report.stopped_reason = f"stopped: {error}"
         return False
@@ -586,7 +626,7 @@ async def _request(run: _Run, request: int, prompt: Any, reservation: float) -> 
         run.report.last_error = str(error)
         return False
     finally:
-        run.ledger.release(reservation)
+        budget.release_all()
     run.absorb(request, completion)
     return True
 
@@ -682,11 +722,11 @@ def run_book_generation(profile: Any) -> BookGeneration:
     requests (prompts depend only on the request number, so nothing is asked twice), continued in that column's
     own folder when the live run reached its target sooner.
     """
-    from alpaca_nb.reproduce import ensure_stage
+    from alpaca_nb.reproduce import ensure_stage, remove_stage_folder
 
     root = profile.run_dir("self-instruct")
-    for folder in (root, book_main_run(profile)):  # every build measures afresh
-        shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(root, ignore_errors=True)  # every build measures afresh: chapter 2's own comparison runs ...
+    remove_stage_folder(book_main_run(profile))  # ... and the recipe's generate stage (refused if not a stage folder)
     live = live_funnel(profile)
     started = time.perf_counter()
     ensure_stage(profile, "generate")

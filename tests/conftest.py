@@ -63,5 +63,6 @@ def tiny_llama(tmp_path_factory) -> Path:
     return folder
 
 
-# Fixtures for the embedded llama.cpp server and the fault-injecting proxy live in their own module.
-pytest_plugins = ["llm_fixtures"]
+# Fixtures for the embedded llama.cpp server and the fault-injecting proxy live in their own module;
+# leak_guard fails the session if a process the tests started outlives it.
+pytest_plugins = ["llm_fixtures", "leak_guard"]

@@ -109,7 +109,26 @@ def test_price_as_prices_a_self_hosted_model(tmp_path):
 def test_ledger_entry_fields_are_the_documented_format():
     assert list(LedgerEntry.__dataclass_fields__) == [
         "time", "stage", "model", "api", "outcome", "status", "error", "prompt_tokens", "completion_tokens",
-        "cost_usd", "latency_s", "request_id", "attempt"]
+        "cost_usd", "latency_s", "request_id", "attempt", "usage_estimated"]
+
+
+def test_a_call_budget_holds_one_reservation_per_attempt_and_an_old_ledger_still_reads(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl", budget_usd=0.10)
+    budget = ledger.call_budget("text-davinci-003", 1000, 3072)  # at most $0.08144 an attempt
+    budget.reserve()
+    assert (budget.held, budget.estimated_usage) == (1, (1000, 3072))
+    assert ledger.reserved_usd == pytest.approx(0.08144)
+    with pytest.raises(BudgetExceeded):  # a retry beside the first attempt would not fit
+        budget.reserve()
+    budget.release_all()
+    assert budget.held == 0 and ledger.reserved_usd == 0.0
+    # A line written before usage_estimated existed is read as a server-reported count.
+    old = {"time": 1.0, "stage": "generate", "model": "gpt-4o-mini", "api": "chat", "outcome": "retry", "status": 500,
+           "error": "500 Internal Server Error", "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0,
+           "latency_s": 0.1, "request_id": "r", "attempt": 1}
+    (tmp_path / "old.jsonl").write_text(json.dumps(old) + "\n")
+    assert Ledger(tmp_path / "old.jsonl").entries[0].usage_estimated is False
+    assert Ledger(tmp_path / "old.jsonl").summary().loc["gpt-4o-mini", "estimated"] == 0
 
 
 # ----------------------------------------------------------------------------- training cost model

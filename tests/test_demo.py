@@ -44,7 +44,7 @@ def test_settings_become_explicit_generate_arguments():
     assert (sampled["do_sample"], sampled["temperature"], sampled["top_p"], sampled["top_k"]) == (True, 0.7, 0.9, 40)
     assert sampled["num_beams"] == 2 and sampled["max_new_tokens"] == 9
     config = sampled["watermarking_config"]
-    assert (config.greenlist_ratio, config.bias, config.seeding_scheme) == (0.25, 2.0, "lefthash")
+    assert (config.greenlist_ratio, config.bias, config.seeding_scheme) == (0.25, 2.0 / 0.7, "lefthash")
     with pytest.raises(ValueError, match="template="):
         DecodingSettings(template="vicuna")
     with pytest.raises(ValueError, match="top_p"):

@@ -15,7 +15,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import NamedTuple
 
+import psutil
 import pytest
 
 from alpaca_nb.safety import load_labelled_prompts, moderate
@@ -39,9 +41,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class ServedDemo(NamedTuple):
+    url: str
+    flags: Path
+    log: Path
+    process: subprocess.Popen  # `alpaca-nb demo`; Voila is its child
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Yield (url, flags file, log file) of `alpaca-nb demo` serving the embedded model."""
+    """Yield the `alpaca-nb demo` serving the embedded model; stop it afterwards (a test may have already)."""
     folder = tmp_path_factory.mktemp("demo")
     port, log = free_port(), folder / "voila.log"
     command = [sys.executable, "-m", "alpaca_nb.cli", "demo", "--port", str(port), "--flags", str(folder / "flags.jsonl")]
@@ -60,9 +69,9 @@ def served(tmp_path_factory):
                 process.kill()
                 pytest.fail(f"alpaca-nb demo did not answer within {START_TIMEOUT_S} s:\n{log.read_text()}")
             time.sleep(1)
-    yield url, folder / "flags.jsonl", log
+    yield ServedDemo(url, folder / "flags.jsonl", log, process)
     process.terminate()
-    process.wait(timeout=30)
+    process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +123,7 @@ def text_of(browser, part: str) -> str:
 def test_the_served_demo_streams_an_answer_and_blocks_a_harmful_prompt(served, browser):
     from selenium.webdriver.common.by import By
 
-    url, flags, log = served
+    url, flags, log, _ = served
     browser.get(url)
     wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, ".widget-textarea textarea"), START_TIMEOUT_S,
              f"the demo's widgets to render (Voila log: {log})", poll=1)
@@ -150,3 +159,28 @@ def test_the_served_demo_streams_an_answer_and_blocks_a_harmful_prompt(served, b
     wait_for(lambda: "Flagged" in text_of(browser, "status"), 30, "the flag to be saved")
     [record] = [json.loads(line) for line in flags.read_text().splitlines()]
     assert record["instruction"] == harmful and record["blocked"] == "instruction" and record["reason"].startswith("a test")
+
+
+def command_line(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return f"pid {process.pid} (gone)"
+
+
+def test_stopping_the_demo_ends_voila_and_all_its_kernels(served):
+    """What a test teardown or a SLURM time limit does; once it left Voila and two kernels (1.6 GB) running for
+    hours. Kernels start sessions of their own, so stopping Voila's process group alone would miss them."""
+    with urllib.request.urlopen(served.url, timeout=START_TIMEOUT_S) as page:  # Voila runs the app in a kernel
+        page.read()
+    tree = psutil.Process(served.process.pid).children(recursive=True)
+    assert any("voila" in command_line(each) for each in tree), [command_line(each) for each in tree]
+    assert any("ipykernel" in command_line(each) for each in tree), [command_line(each) for each in tree]
+    served.process.terminate()
+    status = served.process.wait(timeout=60)
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    survivors = [command_line(each) for each in alive]
+    for each in alive:
+        each.kill()
+    assert survivors == [], f"still running after alpaca-nb demo was terminated: {survivors}"
+    assert status == 143, served.log.read_text()[-2000:]  # 128 + SIGTERM, after an orderly stop

@@ -25,15 +25,20 @@ def test_ninety_wins_against_eighty_nine_is_no_evidence_either_way():
     assert result.rate == pytest.approx(90 / 179) and result.n == 179
     assert result.ci_low < 0.5 < result.ci_high
     assert result.p_value > 0.5
-    assert (round(result.ci_low, 4), round(result.ci_high, 4)) == (0.4303, 0.5752)
+    # Without ties the interval is the share's own exact (Clopper-Pearson) interval.
+    assert (round(result.ci_low, 4), round(result.ci_high, 4)) == (0.4272, 0.5782)
+    assert result.decisive_share == result.rate and result.decisive_ci == (result.ci_low, result.ci_high)
 
 
-def test_wilson_interval_and_sign_test_match_hand_computed_values():
-    # 8 of 10: Wilson 95 % = (0.4902, 0.9433); sign test p = 2 * (C(10,8) + C(10,9) + C(10,10)) / 2^10 = 112/1024.
+def test_exact_interval_and_sign_test_match_hand_computed_values():
+    # 8 of 10: sign test p = 2 * (C(10,8) + C(10,9) + C(10,10)) / 2^10 = 112/1024; the lower end of the exact
+    # interval is the p with P(X >= 8 | 10, p) = 0.025, the upper end the p with P(X <= 8 | 10, p) = 0.025.
+    from scipy.stats import binom
+
     result = win_rate(8, 2)
-    assert (round(result.ci_low, 4), round(result.ci_high, 4)) == (0.4902, 0.9433)
+    assert binom.sf(7, 10, result.ci_low) == pytest.approx(0.025) and binom.cdf(8, 10, result.ci_high) == pytest.approx(0.025)
     assert result.p_value == pytest.approx(112 / 1024)
-    assert wilson_interval(0, 10)[0] == pytest.approx(0.0, abs=1e-12) and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0  # exactly: a table prints 0 %, not 3e-17
 
 
 def test_ties_count_one_half_in_the_rate_and_are_set_aside_by_the_sign_test():
@@ -41,6 +46,24 @@ def test_ties_count_one_half_in_the_rate_and_are_set_aside_by_the_sign_test():
     assert result.rate == pytest.approx(5 / 8) and result.n == 8
     assert result.p_value == pytest.approx(win_rate(3, 1).p_value)  # the ties change nothing
     assert win_rate(0, 0, ties=5).p_value == 1.0
+
+
+@pytest.mark.parametrize("wins, losses, ties", [(0, 8, 16), (9, 1, 14), (90, 89, 0), (3, 1, 4), (12, 3, 30),
+                                                (20, 8, 0), (14, 5, 100), (1, 0, 0)])
+def test_the_interval_excludes_one_half_exactly_when_the_sign_test_rejects(wins, losses, ties):
+    # The review's cases: 0-8-16 printed 18-53 % (holding 50 %) beside p = 0.008; 9-1-14 printed 47-82 % beside p = 0.02.
+    result = win_rate(wins, losses, ties)
+    assert result.ci_low <= result.rate <= result.ci_high
+    assert (result.p_value < 0.05) == (not result.ci_low <= 0.5 <= result.ci_high)
+
+
+def test_the_decisive_share_and_its_interval_stand_beside_the_tie_halved_rate():
+    result = win_rate(0, 8, 16)
+    assert result.rate == pytest.approx(8 / 24) and result.decisive_share == 0.0
+    assert result.decisive_ci[0] == 0.0 and result.decisive_ci[1] == pytest.approx(1 - 0.025 ** (1 / 8))
+    assert result.ci_high == pytest.approx(16 / 48 + 8 / 24 * result.decisive_ci[1]) and result.ci_high < 0.5
+    all_ties = win_rate(0, 0, ties=5)
+    assert all_ties.decisive_share is None and all_ties.decisive_ci is None and all_ties.rate == 0.5
 
 
 def test_win_rate_refuses_counts_that_are_not_counts():
@@ -166,14 +189,13 @@ def test_replies_are_cached_on_disk_and_a_rerun_generates_only_what_is_missing(t
                              max_new_tokens=5, cache=cache)
     assert len(cache.read_text().splitlines()) == 2
 
-    class Unusable:  # a cached rerun must not touch the model
-        device = "cpu"
+    def unusable(**_):  # a cached rerun must not touch the model
+        raise AssertionError("the model was called for a cached reply")
 
-        def generate(self, **_):
-            raise AssertionError("the model was called for a cached reply")
-
-    again = generate_replies("tiny", INSTRUCTIONS[:2], template="alpaca", model=Unusable(), tokenizer=tokenizer,
-                             max_new_tokens=5, cache=cache)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model, "generate", unusable)
+        again = generate_replies("tiny", INSTRUCTIONS[:2], template="alpaca", model=model, tokenizer=tokenizer,
+                                 max_new_tokens=5, cache=cache)
     assert again == first
     more = generate_replies("tiny", INSTRUCTIONS, template="alpaca", model=model, tokenizer=tokenizer,
                             max_new_tokens=5, cache=cache)
@@ -182,6 +204,84 @@ def test_replies_are_cached_on_disk_and_a_rerun_generates_only_what_is_missing(t
     longer = generate_replies("tiny", INSTRUCTIONS[:1], template="alpaca", model=model, tokenizer=tokenizer,
                               max_new_tokens=7, cache=cache)
     assert longer[0].max_new_tokens == 7 and len(cache.read_text().splitlines()) == 4
+
+
+def test_changed_weights_under_the_same_system_name_do_not_reuse_cached_replies(tiny, tiny_llama, tmp_path):
+    import torch
+
+    from alpaca_nb.models import load_model
+
+    model, tokenizer = tiny
+    cache = tmp_path / "replies.jsonl"
+    generate_replies("base model", INSTRUCTIONS[:2], template="alpaca", model=model, tokenizer=tokenizer,
+                     max_new_tokens=5, cache=cache)
+    # The same weights loaded again (another object, as after a restart) are the same model: the cache answers.
+    reloaded, _ = load_model(str(tiny_llama))
+    generate_replies("base model", INSTRUCTIONS[:2], template="alpaca", model=reloaded, tokenizer=tokenizer,
+                     max_new_tokens=5, cache=cache)
+    assert len(cache.read_text().splitlines()) == 2
+    # A fine-tune's small change to every weight, under the same system name, is another model.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in reloaded.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    changed = generate_replies("base model", INSTRUCTIONS[:2], template="alpaca", model=reloaded,
+                               tokenizer=tokenizer, max_new_tokens=5, cache=cache)
+    assert len(cache.read_text().splitlines()) == 4
+    assert changed == generate_replies("base model", INSTRUCTIONS[:2], template="alpaca", model=reloaded,
+                                       tokenizer=tokenizer, max_new_tokens=5)
+
+
+def test_a_reply_cached_before_keys_named_the_model_is_not_reused(tiny, tmp_path):
+    import hashlib
+
+    model, tokenizer = tiny
+    item = INSTRUCTIONS[0]
+    # The key as it was before it named the model: system, template, decoding and instruction only.
+    settings = {"system": "tiny", "template": "alpaca", "decoding": "greedy", "max_new_tokens": 5,
+                "instruction": item.instruction, "input": item.input}
+    old_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    cache = tmp_path / "replies.jsonl"
+    cache.write_text(json.dumps({"key": old_key, "system": "tiny", "instruction": item.instruction, "input": "",
+                                 "output": "a reply of whichever model was called tiny then", "template": "alpaca",
+                                 "stopped": True, "max_new_tokens": 5}) + "\n")
+    [reply] = generate_replies("tiny", [item], template="alpaca", model=model, tokenizer=tokenizer, max_new_tokens=5,
+                               cache=cache)
+    assert reply.output != "a reply of whichever model was called tiny then"
+    assert len(cache.read_text().splitlines()) == 2
+
+
+def test_an_endpoint_reply_is_cached_per_base_url_and_model(tmp_path):
+    """Two stub servers (tests/json_stub.py, standing in for two deployments) answer with their own address."""
+    from alpaca_nb.llm import Endpoint
+    from json_stub import JsonStub
+
+    asked = []
+
+    def answer_from(name):
+        def respond(_path, body):
+            asked.append(name)
+            return {"id": f"{name}-{len(asked)}", "object": "chat.completion", "created": 0, "model": body["model"],
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": f"answered by {name}"}}],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+        return respond
+
+    first, second = JsonStub(answer_from("first")), JsonStub(answer_from("second"))
+    try:
+        cache = tmp_path / "replies.jsonl"
+
+        def replies(base_url, model):
+            return [r.output for r in generate_replies("api system", INSTRUCTIONS[:1], template="chat", cache=cache,
+                                                       endpoint=Endpoint(base_url, model, max_retries=0))]
+
+        assert replies(first.base_url, "model-a") == ["answered by first"]
+        assert replies(first.base_url, "model-a") == ["answered by first"] and asked == ["first"]  # cached
+        assert replies(second.base_url, "model-a") == ["answered by second"]  # another server
+        assert replies(first.base_url, "model-b") == ["answered by first"] and asked == ["first", "second", "first"]
+    finally:
+        first.close()
+        second.close()
 
 
 def test_a_torn_last_cache_line_is_regenerated_and_a_corrupt_one_is_refused(tiny, tmp_path):
@@ -269,8 +369,11 @@ def test_a_torn_last_vote_is_dropped_and_a_damaged_one_refused(tmp_path):
     record_vote(votes, "ann", pairs[1], "B")
     whole = votes.read_text()
     votes.write_text(whole + '{"rater": "ann", "item": "item-2", "cho')  # killed mid-write
-    assert len(read_votes(votes)) == 2 and votes.read_text() == whole  # the torn line is cut off
+    torn = votes.read_text()
+    assert len(read_votes(votes)) == 2 and votes.read_text() == torn  # skipped, and reading changes nothing
     assert next_pair(pairs, read_votes(votes), "ann") == pairs[2]  # the lost vote is asked again
+    record_vote(votes, "ann", pairs[2], "A")  # the writer starts past the torn tail
+    assert [v.item for v in read_votes(votes)] == ["item-0", "item-1", "item-2"]
     votes.write_text(whole.replace('"choice": "B"', '"choice": "maybe"'))
     with pytest.raises(DataError, match=r"votes\.jsonl, line 2, field 'choice'"):
         read_votes(votes)
@@ -355,3 +458,41 @@ def test_read_evaluation_names_a_missing_or_damaged_results_file(tmp_path):
     (tmp_path / "results.json").write_text('{"system": "x"}')
     with pytest.raises(DataError, match="not an evaluation results file"):
         read_evaluation(tmp_path)
+
+
+def _answering_replies(answer: str):
+    """A stand-in for ``generate_replies``: every item answered ``answer`` (the stage's wiring is under test)."""
+    from alpaca_nb.evaluate import SystemReply
+
+    def replies(system, items, *, template, max_new_tokens, **source):
+        return [SystemReply(system, item.instruction, item.input, answer, template, True, max_new_tokens)
+                for item in items]
+    return replies
+
+
+def test_run_evaluation_asks_only_the_probe_count_it_is_given(tmp_path, monkeypatch):
+    from alpaca_nb import evaluate
+    from alpaca_nb.evaluate import read_evaluation, run_evaluation
+
+    monkeypatch.setattr(evaluate, "generate_replies", _answering_replies("I do not know."))
+    results = run_evaluation(tmp_path, "tiny", template="alpaca", endpoint=object(), instructions=2, probes=3)
+    assert len(results.probe_replies) == 3 and results.hallucination["probes"] == 3
+    assert read_evaluation(tmp_path).hallucination["probes"] == 3
+
+
+def test_a_judge_that_stops_early_leaves_its_reason_and_count_in_the_results(tmp_path, monkeypatch):
+    from alpaca_nb import evaluate, judge
+    from alpaca_nb.evaluate import read_evaluation, run_evaluation
+    from alpaca_nb.judge import JudgeRun, PairVerdict
+
+    def judge_pairs(endpoint, pairs, **options):  # the first pair judged, then the key was refused
+        verdicts = [PairVerdict(pair.instruction, "a", "b") if index == 0 else None for index, pair in enumerate(pairs)]
+        return JudgeRun(verdicts, 0.0, "stopped: the key was refused")
+
+    monkeypatch.setattr(evaluate, "generate_replies", _answering_replies("Blue."))
+    monkeypatch.setattr(judge, "judge_pairs", judge_pairs)
+    results = run_evaluation(tmp_path, "tiny", template="alpaca", endpoint=object(), instructions=3, probes=1,
+                             judge=SimpleNamespace(model="j"), judge_calibration_pairs=2)
+    assert results.stopped_reason == "stopped: the key was refused"
+    assert (results.judge["judged"], results.judge["pairs"]) == (2, 5)  # one of 2 calibration pairs, one of 3 replies
+    assert read_evaluation(tmp_path).stopped_reason == "stopped: the key was refused"

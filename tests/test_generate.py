@@ -6,6 +6,7 @@ SIGKILLs a real `alpaca-nb generate` process at random moments and resumes it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -69,9 +70,73 @@ def test_injected_faults_are_retried_and_every_attempt_is_ledgered(llama_server,
     endpoint = endpoint_for(proxy.base_url, llama_server.model, timeout=8)
     report = generate(endpoint, 50, tmp_path, concurrency=1, sampling=SHORT, max_requests=2, progress=False)
     assert report.stopped_reason == "done: request limit reached" and report.requests == 2
-    outcomes = [entry.outcome for entry in Ledger(tmp_path / "ledger.jsonl").entries]
+    entries = Ledger(tmp_path / "ledger.jsonl").entries
+    outcomes = [entry.outcome for entry in entries]
     assert outcomes.count("retry") == 5 and outcomes.count("ok") == 2 and "error" not in outcomes
     assert proxy.requests_seen == 7
+    # The 429 was refused before any work; the others reached the server, which may bill them: each is booked at
+    # the request's worst case (its prompt and the token cap) and marked as an estimate.
+    retries = [entry for entry in entries if entry.outcome == "retry"]
+    assert [entry.usage_estimated for entry in retries] == [False, True, True, True, True]
+    assert {entry.completion_tokens for entry in retries[1:]} == {SHORT.max_tokens} and retries[0].prompt_tokens == 0
+
+
+def _interrupt_at_the_first_reply(endpoint: Endpoint, proxy) -> list[int]:
+    """Send this process SIGINT (what Ctrl-C and Jupyter's interrupt send) when the first reply is recorded;
+    returns the list that receives how many requests the proxy had seen by then."""
+    seen_at_interrupt: list[int] = []
+
+    def hook(call) -> None:
+        if call.outcome == "ok" and not seen_at_interrupt:
+            seen_at_interrupt.append(proxy.requests_seen)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    endpoint.on_call = hook
+    return seen_at_interrupt
+
+
+def _check_interrupted_run_resumes(endpoint: Endpoint, out_dir: Path) -> None:
+    """The files an interrupted run left are consistent, and the same call finishes the run from them."""
+    entries = Ledger(out_dir / "ledger.jsonl").entries
+    # The stalled request was cancelled in flight: booked as interrupted, at its worst case (the server may bill it).
+    assert any(e.error == "interrupted" and e.usage_estimated and e.prompt_tokens > 0 for e in entries)
+    finished = [entry["request"] for entry in lines(out_dir / "requests.jsonl")]
+    assert len(finished) == len(set(finished)) >= 1
+    assert {record["request"] for record in read_generated(out_dir)} <= set(finished)
+    endpoint.on_call = None
+    report = generate(endpoint, 1000, out_dir, concurrency=2, sampling=SHORT, max_requests=4, progress=False)
+    assert report.requests == 4 and len(lines(out_dir / "requests.jsonl")) == 4
+
+
+def test_ctrl_c_in_a_script_cancels_the_request_in_flight(llama_server, fault_proxy, tmp_path):
+    """FaultProxy stalls one of the first two requests, so one is surely in flight when SIGINT arrives."""
+    proxy = fault_proxy(faults=("pass", "stall"))
+    endpoint = endpoint_for(proxy.base_url, llama_server.model)  # the stalled request would wait 120 s
+    seen_at_interrupt = _interrupt_at_the_first_reply(endpoint, proxy)
+    with pytest.raises(KeyboardInterrupt):
+        generate(endpoint, 1000, tmp_path, concurrency=2, sampling=SHORT, max_requests=12, progress=False)
+    assert proxy.requests_seen - seen_at_interrupt[0] <= 2  # at most the slot freed by the reply was refilled
+    _check_interrupted_run_resumes(endpoint, tmp_path)
+
+
+def test_ctrl_c_in_jupyter_cancels_the_requests_in_flight_and_starts_no_other(llama_server, fault_proxy, tmp_path):
+    """A notebook cell runs while the kernel's event loop runs, so generate() drives its loop in a worker thread and
+    SIGINT lands in the main thread, which waits for it. FaultProxy stalls one of the first two requests."""
+    proxy = fault_proxy(faults=("pass", "stall"))
+    endpoint = endpoint_for(proxy.base_url, llama_server.model)  # the stalled request would wait 120 s
+    seen_at_interrupt = _interrupt_at_the_first_reply(endpoint, proxy)
+
+    async def cell() -> None:
+        generate(endpoint, 1000, tmp_path, concurrency=2, sampling=SHORT, max_requests=12, progress=False)
+
+    loop = asyncio.new_event_loop()  # as ipykernel's: run_until_complete leaves SIGINT to Python's own handler
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            loop.run_until_complete(cell())
+    finally:
+        loop.close()
+    assert proxy.requests_seen - seen_at_interrupt[0] <= 2  # at most the slot freed by the reply was refilled
+    _check_interrupted_run_resumes(endpoint, tmp_path)
 
 
 def test_a_401_stops_the_run_with_a_message_that_hides_the_key(llama_server, fault_proxy, tmp_path, monkeypatch):

@@ -6,12 +6,15 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import threading
 import time
 import traceback
 import urllib.request
 
+import psutil
 import pytest
 
 from alpaca_nb.llm import (AuthenticationError, CallRecord, Endpoint, LLMError, ServerExitedError, llama_server_binary,
@@ -166,6 +169,62 @@ def test_404_is_not_retried(llama_server):
     assert outcomes(records) == ["error"] and records[0].status == 404
 
 
+# -- budget: one reservation per attempt, billable failures booked --------------------------------
+
+
+def ledgered_endpoint(base_url: str, model: str, ledger, **options) -> tuple[Endpoint, list[float]]:
+    """An endpoint whose every attempt is priced into ``ledger``, and the dollars reserved as each was recorded."""
+    held_at_record: list[float] = []
+
+    def record(call: CallRecord) -> None:
+        held_at_record.append(ledger.reserved_usd)
+        ledger.record(call, stage="test")
+
+    endpoint = make_endpoint(base_url, model, [], **options)
+    endpoint.on_call = record
+    return endpoint, held_at_record
+
+
+def test_each_retry_reserves_again_and_a_failed_attempt_is_booked_at_the_estimate(fault_proxy, llama_server, tmp_path):
+    """FaultProxy injects a 500, a 429 and a cut 200 body in front of the real server; priced as gpt-4o-mini."""
+    from alpaca_nb.costs import Ledger
+
+    proxy = fault_proxy(["500", "429:0", "truncate"])
+    ledger = Ledger(tmp_path / "ledger.jsonl", price_as="gpt-4o-mini")
+    endpoint, held_at_record = ledgered_endpoint(proxy.base_url, llama_server.model, ledger)
+    budget = ledger.call_budget(llama_server.model, 100, 4)
+    worst = ledger.worst_case_usd(llama_server.model, 100, 4)
+    result = endpoint.complete("Say hello.", budget=budget, max_tokens=4)
+    entries = ledger.entries
+    assert [e.outcome for e in entries] == ["retry", "retry", "retry", "ok"] and result.attempts == 4
+    # The 500 and the cut body reached the server and may be billed: booked at the worst case, and marked so. The
+    # 429 was refused before any work: nothing is booked. The success carries the server's own count.
+    assert [(e.prompt_tokens, e.completion_tokens, e.usage_estimated) for e in entries[:3]] == \
+        [(100, 4, True), (0, 0, False), (100, 4, True)]
+    assert (entries[3].prompt_tokens, entries[3].usage_estimated) == (result.prompt_tokens, False)
+    assert ledger.total_usd == pytest.approx(2 * worst + entries[3].cost_usd)
+    # While a failed attempt is booked, the retry's own reservation is already held beside it.
+    assert held_at_record == [pytest.approx(2 * worst)] * 3 + [pytest.approx(worst)]
+    assert ledger.reserved_usd == 0.0 and budget.held == 0
+
+
+def test_a_retry_the_budget_cannot_cover_is_not_sent(fault_proxy, llama_server, tmp_path):
+    """FaultProxy injects a 500; the budget covers one attempt's worst case, not a second beside it."""
+    from alpaca_nb.costs import BudgetExceeded, Ledger
+
+    proxy = fault_proxy(["500"])
+    probe = Ledger(tmp_path / "probe.jsonl", price_as="gpt-4o-mini")
+    worst = probe.worst_case_usd(llama_server.model, 100, 4)
+    ledger = Ledger(tmp_path / "ledger.jsonl", budget_usd=1.5 * worst, price_as="gpt-4o-mini")
+    endpoint, _ = ledgered_endpoint(proxy.base_url, llama_server.model, ledger)
+    with pytest.raises(BudgetExceeded, match=r"budget \$"):
+        endpoint.complete("Say hello.", budget=ledger.call_budget(llama_server.model, 100, 4), max_tokens=4)
+    assert proxy.requests_seen == 1
+    [entry] = ledger.entries
+    assert (entry.outcome, entry.status, entry.usage_estimated) == ("error", 500, True)
+    assert entry.cost_usd == pytest.approx(worst) and ledger.reserved_usd == 0.0
+
+
 # -- async ---------------------------------------------------------------------------------------
 
 
@@ -263,6 +322,51 @@ def test_a_crashing_server_binary_is_reported_with_its_signal(tmp_path, monkeypa
     with pytest.raises(ServerExitedError, match=r"killed by SIGILL \(an instruction this CPU refuses.*LLAMA_CPU_FLAGS"):
         with local_server(startup_timeout=30):
             pass
+
+
+def start_alpaca_nb_serve() -> tuple[subprocess.Popen, psutil.Process]:
+    """Start `alpaca-nb serve` on a free port; return it and its llama-server once that answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve = subprocess.Popen([sys.executable, "-m", "alpaca_nb.cli", "serve", "--port", str(port)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first_line = serve.stdout.readline()  # "Serving ... Press Ctrl-C to stop." once /health answers
+    if "Serving" not in first_line:
+        serve.kill()
+        pytest.fail(f"alpaca-nb serve did not start: {first_line}{serve.communicate()[1]}")
+    [server] = psutil.Process(serve.pid).children()
+    assert "llama-server" in " ".join(server.cmdline())
+    return serve, server
+
+
+def gone_within(process: psutil.Process, seconds: float) -> bool:
+    """Return whether ``process`` ended within ``seconds``; if not, kill it so that the test leaves nothing behind."""
+    _, alive = psutil.wait_procs([process], timeout=seconds)
+    for survivor in alive:
+        survivor.kill()
+    return not alive
+
+
+def test_sigterm_to_alpaca_nb_serve_stops_its_server_and_exits_143():
+    """As a SLURM time limit does: the server must not be left running, orphaned."""
+    serve, server = start_alpaca_nb_serve()
+    assert os.getsid(server.pid) == server.pid  # its own session: a terminal's Ctrl-C goes to alpaca-nb alone
+    serve.send_signal(signal.SIGTERM)
+    _, stderr = serve.communicate(timeout=60)
+    assert gone_within(server, 5), f"llama-server (pid {server.pid}) outlived the SIGTERMed alpaca-nb serve"
+    assert serve.returncode == 143, stderr
+    assert stderr.strip().splitlines() == ["alpaca-nb serve: stopped by SIGTERM"]
+
+
+def test_a_killed_alpaca_nb_serve_takes_its_server_along():
+    """SIGKILL runs no cleanup: the server's parent-death signal (Linux) must end it."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's prctl(PR_SET_PDEATHSIG)")
+    serve, server = start_alpaca_nb_serve()
+    serve.kill()
+    serve.communicate(timeout=30)
+    assert gone_within(server, 5), f"llama-server (pid {server.pid}) outlived the SIGKILLed alpaca-nb serve"
 
 
 def test_the_server_has_the_profiles_parallel_slots(llama_server):

@@ -216,6 +216,62 @@ def test_perplexity_scores_the_generated_tokens_only(embedded, generations):
     assert 1 < perplexity(model, generation) < perplexity(model, scrambled)
 
 
+def _green_mask(config, vocab_size: int, context: "torch.Tensor") -> "torch.Tensor":
+    import torch
+
+    green = torch.zeros(vocab_size, dtype=torch.bool)
+    green[config.construct_processor(vocab_size, context.device)._get_greenlist_ids(context)] = True
+    return green
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3, None])
+def test_the_green_tokens_gain_delta_before_temperature_as_in_the_authors_code(embedded, temperature):
+    """The processors ``generate`` builds give green tokens delta more log-odds than red ones before temperature,
+    delta / T after it (the authors' order); transformers' own order would give delta after temperature."""
+    import torch
+
+    from alpaca_nb.safety import DELTA, watermarking_config
+
+    model, tokenizer = embedded
+    batch = tokenizer(PROMPTS[:1], return_tensors="pt")
+    decoding = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature else \
+        dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    config = watermarking_config(temperature)
+    with torch.inference_mode():
+        out = model.generate(**batch, **decoding, max_new_tokens=1, watermarking_config=config,
+                             output_scores=True, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=tokenizer.eos_token_id)
+    logits, scores = out.logits[0][0].double(), out.scores[0][0].double()  # before, after every processor
+    green = _green_mask(config, logits.shape[-1], batch["input_ids"][0])
+    plain = torch.log_softmax(logits / (temperature or 1.0), -1)  # sampling at T without the watermark
+    gain = torch.log_softmax(scores, -1) - plain
+    expected = DELTA / (temperature or 1.0)
+    assert 0.2 < green.double().mean() < 0.3
+    torch.testing.assert_close(gain[green] - gain[~green].mean(), torch.full_like(gain[green], expected),
+                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(gain[~green], torch.full_like(gain[~green], gain[~green].mean()), atol=1e-3, rtol=0)
+
+
+def test_the_detector_follows_the_config_content_not_its_id(monkeypatch):
+    """A cached detector must match the config it is asked for: a config changed in place (as
+    ``resize_token_embeddings`` changes ``vocab_size``), or a new config at a freed one's address, gets its own."""
+    from transformers import PretrainedConfig
+
+    from alpaca_nb import safety
+
+    config = PretrainedConfig(vocab_size=1000, bos_token_id=1)
+    assert safety._detector(config, "cpu").processor.vocab_size == 1000
+    config.vocab_size = 1200
+    assert safety._detector(config, "cpu").processor.vocab_size == 1200
+    # CPython may give a new object a freed one's id: make every id collide, as a reused address would.
+    monkeypatch.setattr(safety, "id", lambda obj: 1, raising=False)
+    for vocab_size in (1000, 1300):
+        assert safety._detector(PretrainedConfig(vocab_size=vocab_size, bos_token_id=1), "cpu").processor.vocab_size \
+            == vocab_size
+    assert safety._detector(PretrainedConfig(vocab_size=1000, bos_token_id=1), "cpu") is \
+        safety._detector(PretrainedConfig(vocab_size=1000, bos_token_id=1), "cpu")  # same content, one detector
+
+
 def test_generation_needs_sampling_and_detection_needs_tokens(embedded):
     model, tokenizer = embedded
     with pytest.raises(ValueError, match="temperature must be above 0"):
