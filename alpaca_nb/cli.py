@@ -89,9 +89,10 @@ def _assets(_args: argparse.Namespace) -> int:
 def _reply(args: argparse.Namespace) -> int:
     from alpaca_nb.evaluate import instruction_text
     from alpaca_nb.models import generate_reply, load_model, prompt_template
+    from alpaca_nb.profiles import current_profile
     from alpaca_nb.sft import format_prompt
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=current_profile().device)
     template = args.template or prompt_template(args.model, tokenizer)
     alpaca = template == "alpaca"
     prompt = format_prompt(args.prompt, args.input) if alpaca else instruction_text(args.prompt, args.input)
@@ -158,7 +159,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         from alpaca_nb.models import load_model
 
-        source["model"], source["tokenizer"] = load_model(args.model)
+        source["model"], source["tokenizer"] = load_model(args.model, device=profile.device)
         template, system = args.template or native_template(source["tokenizer"]), args.system or (args.model or "embedded")
     with contextlib.ExitStack() as stack:
         judge = None if args.no_judge else stack.enter_context(judge_endpoint(profile))
@@ -326,8 +327,39 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--flags", default="flags.jsonl", help="JSONL file that flagged answers are appended to")
     demo.set_defaults(run=_demo)
     # Listed for --help only: main() hands `alpaca-nb train ...` to alpaca_nb.train's own parser.
-    commands.add_parser("train", help="fine-tune on Alpaca data (options: alpaca-nb train --help)", add_help=False)
+    commands.add_parser("train", help="fine-tune on Alpaca data (options: alpaca-nb train --help; its cost "
+                        "predicted first, nothing loaded: alpaca-nb train --dry-run --help)", add_help=False)
     return parser
+
+
+def _train_dry_run(argv: list[str]) -> int:
+    """Print what ``alpaca-nb train ARGS`` would cost on ``--gpus`` x ``--gpu`` at ``--mfu``: steps, FLOPs, wall
+    time, dollars and memory per GPU for a full fine-tune, LoRA and ZeRO-3 offload (training_compute.predict_run),
+    the paper's figures beside them. Loads no model and downloads nothing; the other options are the run's."""
+    from alpaca_nb.claims import PAPER_FINETUNE_GPU, PAPER_FINETUNE_GPUS
+    from alpaca_nb.training_compute import predict_run
+
+    parser = argparse.ArgumentParser(
+        prog="alpaca-nb train --dry-run", epilog="Every other option is the run's own: alpaca-nb train --help.",
+        description="Predict a fine-tune's steps, FLOPs, wall time, dollars and memory per GPU before launching it.")
+    parser.add_argument("--dry-run", action="store_true", required=True, help="predict, do not train")
+    parser.add_argument("--gpu", default=PAPER_FINETUNE_GPU, help="a GPU of prices.toml (default: the paper's A100s)")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="GPUs in the run (default: the paper's 8 when the global batch splits over them, else 1)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation (default: 0.4)")
+    options, rest = parser.parse_known_args(argv)
+    from alpaca_nb.train import config_from_args
+
+    if not any(arg == "--output-dir" or arg.startswith("--output-dir=") for arg in rest):
+        rest += ["--output-dir", "unused-by-a-dry-run"]  # required by the run's parser, never created here
+    config = config_from_args(rest)
+    gpus = options.gpus
+    if gpus is None:
+        splits = config.global_batch_size % (config.per_device_batch_size * PAPER_FINETUNE_GPUS) == 0
+        gpus = PAPER_FINETUNE_GPUS if splits else 1
+    print(f"alpaca-nb train --dry-run: a prediction for {gpus} x {options.gpu}; nothing is loaded or trained")
+    print("\n".join(predict_run(config, options.gpu, gpus, options.mfu).lines()))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -338,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     from alpaca_nb.profiles import ProfileError
 
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"] and "--dry-run" in argv:
+        try:
+            return _train_dry_run(argv[1:])
+        except (DataError, PriceError, ModelError, ProfileError, ValueError) as error:  # TrainConfigError too
+            print(f"alpaca-nb train --dry-run: {error}", file=sys.stderr)
+            return 2
     if argv[:1] == ["train"]:
         # Handed over whole: argparse's REMAINDER would not pass a leading option such as --help through.
         from alpaca_nb.train import main as train_main

@@ -23,9 +23,11 @@ from alpaca_nb.claims import (
     PAPER_GENERATION_USD, PAPER_INSTRUCTIONS,
 )
 from alpaca_nb.training_compute import (
-    GPU, LLAMA_7B, FlopEstimate, MemoryBreakdown, ModelShape, TokenCounts, TrainingEstimate, finetune_flops, gpu,
-    implied_mfu, lora_flops, lora_training_memory, measure_matmul_tflops, sft_token_counts, training_memory,
-    training_time,
+    CHARS_PER_TOKEN, GPU, LLAMA_7B, SMOLLM2_135M, DataTokens, FlopEstimate, LayoutPrediction, MemoryBreakdown,
+    ModelShape, TokenCounts, TrainingEstimate, TrainingPrediction, data_tokens, finetune_flops, gpu, gpu_for_device,
+    implied_mfu, local_accelerator, lora_flops, lora_trainable_params, lora_training_memory, measure_matmul_tflops,
+    model_shape, predict_run, predict_training, sft_token_counts, shape_from_config, training_memory, training_steps,
+    training_time, zero3_offload_memory,
 )
 
 __all__ = [
@@ -38,9 +40,12 @@ __all__ = [
     "count_tokens", "generation_cost", "generation_cost_table", "install_tiktoken_encodings", "known_models",
     "plot_generation_cost", "price", "tiktoken_cache", "tiktoken_encoding",
     # training_compute
-    "GPU", "LLAMA_7B", "FlopEstimate", "MemoryBreakdown", "ModelShape", "TokenCounts", "TrainingEstimate",
-    "finetune_flops", "gpu", "implied_mfu", "lora_flops", "lora_training_memory", "measure_matmul_tflops",
-    "sft_token_counts", "training_memory", "training_time",
+    "CHARS_PER_TOKEN", "GPU", "LLAMA_7B", "SMOLLM2_135M", "DataTokens", "FlopEstimate", "LayoutPrediction",
+    "MemoryBreakdown", "ModelShape", "TokenCounts", "TrainingEstimate", "TrainingPrediction", "data_tokens",
+    "finetune_flops", "gpu", "gpu_for_device", "implied_mfu", "local_accelerator", "lora_flops",
+    "lora_trainable_params", "lora_training_memory", "measure_matmul_tflops", "model_shape", "predict_run",
+    "predict_training", "sft_token_counts", "shape_from_config", "training_memory", "training_steps",
+    "training_time", "zero3_offload_memory",
 ]
 
 

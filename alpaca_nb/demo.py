@@ -280,8 +280,9 @@ class ServedDemo:
 
     def build(self, check: Callable[[str], Moderation] | None = None) -> ChatDemo:
         """Return the ``ChatDemo`` these settings describe; ``check`` defaults to the profile's content filter."""
+        from alpaca_nb.profiles import current_profile
+
         if check is None:
-            from alpaca_nb.profiles import current_profile
             from alpaca_nb.safety import profile_filter
 
             check = profile_filter(current_profile())
@@ -291,5 +292,5 @@ class ServedDemo:
             return ChatDemo(endpoint=Endpoint(self.base_url, self.model), check=check, flags_path=self.flags_path)
         from alpaca_nb.models import load_model
 
-        model, tokenizer = load_model(self.model)
+        model, tokenizer = load_model(self.model, device=current_profile().device)
         return ChatDemo(model, tokenizer, check=check, flags_path=self.flags_path)

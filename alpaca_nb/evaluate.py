@@ -803,7 +803,9 @@ def greedy_completions(
 
     Batched with left padding, so every prompt ends where generation starts. A reply counts as stopped when
     an end id appears among its new tokens; a row that ended early is padded with the pad id afterwards,
-    which is EOS for the embedded model, so the first end id is where the model stopped.
+    which is EOS for the embedded model, so the first end id is where the model stopped. A tokenizer without a
+    pad token (LLaMA-7B's, the cluster's base model) pads with EOS here, for this call only: the attention mask
+    hides the padding.
     """
     import torch
 
@@ -813,6 +815,9 @@ def greedy_completions(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     replies: list[Reply] = []
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    borrowed_pad = tokenizer.pad_token is None
+    if borrowed_pad:
+        tokenizer.pad_token = tokenizer.eos_token
     try:
         for start in progress_bar(range(0, len(prompts), batch_size), desc="greedy replies", unit="batch",
                                   disable=not show_progress):
@@ -827,6 +832,8 @@ def greedy_completions(
                                      end is not None))
     finally:
         tokenizer.padding_side = side
+        if borrowed_pad:
+            tokenizer.pad_token = None
     return replies
 
 

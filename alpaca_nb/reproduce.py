@@ -22,8 +22,9 @@ its last file write).
 The report card (``report.json``, ``report.md``, ``report.html``). ``report.json`` is versioned by ``schema``
 (``REPORT_SCHEMA``; a change of meaning bumps it):
 
-- ``schema``, ``created``, ``profile``, ``smoke``, ``environment`` (python, platform, CPU, GPU, package versions,
-  git commit);
+- ``schema``, ``created``, ``profile``, ``smoke``, ``stand_ins`` (the profile settings that the stand-in overlay,
+  ``ALPACA_NB_<SETTING>`` variables, replaced, and their values; empty when none), ``environment`` (python,
+  platform, CPU, GPU, package versions, git commit);
 - ``stages``: per stage ``status`` ("complete", or "new", "interrupted", "changed" when its inputs or settings
   changed since it ran, "waiting" for an earlier stage: those carry nothing else; or "stopped", with
   ``stop_reason``, ``done`` of ``of`` ``unit``, ``wall_seconds``, ``tokens``, ``usd``, ``note``); a complete one
@@ -68,7 +69,7 @@ __all__ = [
     "StageStop", "StageStopped", "build_report", "ensure_stage", "environment", "environment_lines", "file_sha256",
     "format_value", "metrics_frame", "read_manifest", "read_report", "read_stop", "recipe_dir", "remove_stage_folder",
     "report_figure", "report_figures", "report_html", "report_markdown", "reproduce", "run_stages", "stage_status",
-    "stages_frame", "training_tokens_per_second", "write_report",
+    "stages_frame", "training_time_prediction", "training_tokens_per_second", "write_report",
 ]
 
 STAGES = ("generate", "sft_data", "fine_tune", "evaluate", "watermark")
@@ -256,6 +257,9 @@ def _generate(run: _Run, folder: Path) -> StageOutcome:
                           budget_usd=run.remaining_budget(profile.generate_budget_usd),
                           concurrency=profile.generate_concurrency, sampling=funnel.sampling,
                           constraint=funnel.constraint, max_requests=profile.generate_max_requests)
+    # The stage's output, the sft_data stage's input, exists even when the teacher kept nothing (then the mix is
+    # all real records): a missing file would end the next stage in a FileNotFoundError.
+    (folder / "generated.jsonl").touch()
     outcome = _ledger_outcome(folder / "ledger.jsonl", f"kept {report.kept} from {report.requests} requests "
                                                        f"({report.stopped_reason})")
     if not report.stopped_reason or report.stopped_reason.startswith("done"):  # the target, or the request limit
@@ -273,21 +277,45 @@ def _sft_data(run: _Run, folder: Path) -> StageOutcome:
 
 
 def _fine_tune(run: _Run, folder: Path) -> StageOutcome:
-    from alpaca_nb.train import last_checkpoint, profile_config, read_book_data, train
+    from alpaca_nb.train import last_checkpoint, profile_config, read_book_data, train, uses_bf16
+    from alpaca_nb.training_compute import local_accelerator
 
     config = profile_config(run.profile, str(folder / "run"), read_book_data(run.folder("sft_data")))
     checkpoint = last_checkpoint(config.output_dir)
     config = replace(config, resume=checkpoint is not None)
+    device = local_accelerator("bfloat16" if uses_bf16(config) else "float32")  # the peak the prediction assumes
     result = train(config)
     if result.interrupted:
         raise StageError(f"{folder}: the fine-tune stopped before its last step")
     epochs = result.global_step * config.global_batch_size / max(1, result.data_report.kept)  # max_steps may cut it
     steps_this_run = result.global_step - (int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0)
     rate = training_tokens_per_second(result, config.global_batch_size, steps_this_run)
+    measures = {} if rate is None else {"training_tokens_per_second": rate}
+    measures.update(training_time_prediction(result, config.global_batch_size, steps_this_run, device))
     return StageOutcome(result.data_report.total_tokens, 0.0, _finetune_usd_paper_rates(result, epochs),
                         f"{result.global_step} steps, held-out loss {result.eval_loss_before:.3f} -> "
-                        f"{result.eval_loss_after:.3f}" if result.eval_loss_after is not None else "",
-                        measures={} if rate is None else {"training_tokens_per_second": rate})
+                        f"{result.eval_loss_after:.3f}"
+                        if None not in (result.eval_loss_before, result.eval_loss_after) else "",
+                        measures=measures)
+
+
+def training_time_prediction(result: Any, global_batch_size: int, steps_this_run: int, device: Any,
+                             mfu: float = 0.4) -> dict[str, float]:
+    """Return the report card's prediction beside the fact for the run that finished: its training seconds
+    predicted from its FLOPs (6ND, 4ND for LoRA, on the tokens of the steps *it* trained) at ``mfu`` of
+    ``device``'s peak (a ``training_compute.GPU``), the seconds it took, and the MFU that implies; {} when it
+    trained no step."""
+    from alpaca_nb.training_compute import finetune_flops, implied_mfu, lora_flops, training_time
+
+    if steps_this_run <= 0 or not result.elapsed_seconds:
+        return {}
+    mean_tokens = result.data_report.total_tokens / max(1, result.data_report.kept)
+    flops = finetune_flops(result.total_parameters, steps_this_run * global_batch_size * mean_tokens)
+    flops = (lora_flops(flops) if result.lora else flops).total
+    processes = max(1, result.world_size)
+    return {"predicted_train_seconds": training_time(flops, device, processes, mfu).wall_hours * 3600,
+            "train_seconds": result.elapsed_seconds, "assumed_mfu": mfu, "peak_tflops": device.peak_bf16_tflops,
+            "achieved_mfu": implied_mfu(flops, device, processes, result.elapsed_seconds / 3600)}
 
 
 def training_tokens_per_second(result: Any, global_batch_size: int, steps_this_run: int) -> float | None:
@@ -313,7 +341,7 @@ def _finetune_usd_paper_rates(result: Any, epochs: float) -> float:
 def _load_tuned(run: _Run):
     from alpaca_nb.models import load_model
 
-    return load_model(str(run.folder("fine_tune") / "run" / "final"))
+    return load_model(str(run.folder("fine_tune") / "run" / "final"), device=run.profile.device)
 
 
 def _evaluate(run: _Run, folder: Path) -> StageOutcome:
@@ -674,7 +702,9 @@ def build_report(out: str | os.PathLike, profile: Any) -> dict[str, Any]:
     metrics: list[dict[str, Any]] = []
     report: dict[str, Any] = {
         "schema": REPORT_SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "profile": profile.name, "smoke": bool(profile.smoke), "environment": environment(profile.name),
+        "profile": profile.name, "smoke": bool(profile.smoke),
+        "stand_ins": {key: getattr(profile, key) for key in getattr(profile, "stand_ins", ())},
+        "environment": environment(profile.name),
         "stages": {stage: _stage_entry(statuses[stage], p, out / stage) for stage, p in done.items()},
         "metrics": metrics, "generation_funnel": None, "loss_curve": None,
     }
@@ -708,6 +738,16 @@ def build_report(out: str | os.PathLike, profile: Any) -> dict[str, Any]:
             _metric("training_tokens_per_second", "effective training tokens per second (the stage's last run)",
                     "tokens/s", tokens_per_second),
         ]
+        measures = done["fine_tune"].measures
+        if "predicted_train_seconds" in measures:  # stages finished before the prediction existed lack it
+            metrics += [
+                _metric("train_hours_predicted", f"training hours predicted (the stage's last run): its FLOPs at "
+                        f"{measures['assumed_mfu']:.0%} MFU of {measures['peak_tflops']:.3g} TFLOP/s peak", "hours",
+                        measures["predicted_train_seconds"] / 3600),
+                _metric("train_hours", "training hours taken (the same run; loading and held-out loss excluded)",
+                        "hours", measures["train_seconds"] / 3600),
+                _metric("train_mfu", "model-FLOPs utilisation the run reached", "share", measures["achieved_mfu"]),
+            ]
     if done["evaluate"]:
         metrics += _evaluation_metrics(out / "evaluate")
     if done["watermark"]:
@@ -806,10 +846,14 @@ def _status_words(info: dict[str, Any]) -> str:
 def report_markdown(report: dict[str, Any]) -> str:
     """Return the report card as Markdown: stages (time, tokens, dollars), metrics beside the paper, environment."""
     kind = "smoke-size " if report["smoke"] else ""
-    lines = [f"# Alpaca reproduced: report card ({report['profile']} profile, {kind}run)", "",
+    stand_ins = report.get("stand_ins") or {}
+    overlaid = f" with stand-ins for {', '.join(stand_ins)}" if stand_ins else ""
+    lines = [f"# Alpaca reproduced: report card ({report['profile']} profile{overlaid}, {kind}run)", "",
              f"Written {report['created']}. The paper's figures are the release's ({SOURCE_URL}); ours come from "
              "this run" + (" of the embedded 135M model, offline: not comparable in size to LLaMA-7B" if
                            report["profile"] == "laptop" else "") + ".", "",
+             *([f"Stand-ins (set by ALPACA_NB_<SETTING> variables): "
+                f"{'; '.join(f'{key} = {value}' for key, value in stand_ins.items())}.", ""] if stand_ins else []),
              "## Stages", "", "| stage | wall time | tokens | dollars spent | at the paper's 2023 rates | note |",
              "|---|---|---|---|---|---|"]
     for stage, info in report["stages"].items():

@@ -11,6 +11,7 @@ and Stanford's JSON format are here too. Batching is in ``batching``, the files 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -186,7 +187,7 @@ def ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
         return False
     vocabulary_before = len(tokenizer)
     tokenizer.add_special_tokens({"pad_token": "[PAD]"})
-    rows_before = model.get_input_embeddings().weight.shape[0]
+    rows_before = _full_shape(model.get_input_embeddings().weight)[0]
     if len(tokenizer) > rows_before:
         # mean_resizing=False: the new rows are overwritten with the exact mean just below, as upstream does.
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -195,12 +196,31 @@ def ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase)
     return True
 
 
+def _full_shape(weight: torch.Tensor) -> torch.Size:
+    """Return a weight's shape, also when DeepSpeed ZeRO-3 has partitioned it (``weight.shape`` is then (0,))."""
+    return getattr(weight, "ds_shape", weight.shape)
+
+
 def _set_new_rows_to_mean(model: PreTrainedModel, first_new: int, end: int) -> None:
-    """Set embedding rows [first_new, end) of the input and output embeddings to the mean of the rows before."""
+    """Set embedding rows [first_new, end) of the input and output embeddings to the mean of the rows before.
+
+    Under DeepSpeed ZeRO-3 the model may arrive partitioned (transformers 5.24 loads it inside ``zero.Init``
+    whenever a stage-3 DeepSpeed config is active, whatever accelerate's ``zero3_init_flag`` says): each rank then
+    holds an empty ``weight`` and writing rows into it does nothing, without an error. The rows are gathered,
+    set on rank 0 and scattered back (``modifier_rank=0``). A resized embedding is a plain tensor again
+    (transformers builds the new one outside ``zero.Init``) and needs no gathering.
+    """
     weights = [model.get_input_embeddings().weight]
     if model.get_output_embeddings() is not None:
         weights.append(model.get_output_embeddings().weight)  # the same tensor when embeddings are tied: harmless
-    with torch.no_grad():
+    partitioned = [weight for weight in weights if hasattr(weight, "ds_id")]
+    if partitioned:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+    else:
+        gathered = contextlib.nullcontext()
+    with gathered, torch.no_grad():
         for weight in weights:
             weight[first_new:end] = weight[:first_new].mean(dim=0, keepdim=True)
 

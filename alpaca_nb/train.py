@@ -12,6 +12,7 @@ gathering it on the GPUs (stanford_alpaca#65).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -127,8 +128,11 @@ def upstream_config(model_name: str | None, output_dir: str) -> TrainConfig:
     """Return stanford_alpaca's recipe: full fine-tune, 3 epochs, lr 2e-5, global batch 128, cosine, bf16, 512 tokens.
 
     The global batch stays 128 on any number of GPUs: gradient accumulation is derived from the world size.
-    One departure: upstream's save_steps=2000 exceeds the 1,219 steps of the run (52,002 × 3 / 128), so a
-    killed job restarted from zero; here a checkpoint is written every 200 steps and the last two are kept.
+    One departure: upstream's save_steps=2000 exceeds the 1,221 steps of the run, so a killed job restarted from
+    zero; here a checkpoint is written every 200 steps and the last two are kept. The Trainer rounds up twice:
+    each epoch is ceil(52,002 / 128) = 407 optimizer steps (the last one on a partial batch; per process,
+    ceil(batches / accumulation)), and 3 epochs are 1,221 steps, not 52,002 × 3 / 128 = 1,218.8 (transformers
+    5.24 Trainer.set_initial_training_values). It stays 407 per epoch while more than 51,968 examples are kept.
     """
     return TrainConfig(
         output_dir=output_dir, model=model_name, data="alpaca_data", epochs=3.0, learning_rate=2e-5,
@@ -257,7 +261,7 @@ def profile_config(profile, output_dir: str, data: BookData | None = None) -> Tr
     config = replace(
         config, model=profile.base_model, data=profile.finetune_asset, n_examples=profile.finetune_examples,
         n_eval_examples=profile.finetune_eval_examples, max_steps=profile.finetune_max_steps,
-        model_dtype="bfloat16" if config.lora and torch.cuda.is_available() else "float32",
+        model_dtype=half_precision_dtype() if config.lora and torch.cuda.is_available() else "float32",
     )
     if data is not None:
         config = replace(config, data=str(data.path), n_examples=None, n_eval_examples=len(data.held_out))
@@ -312,6 +316,7 @@ def training_arguments(config: TrainConfig, processes: int | None = None) -> Tra
         warmup_steps=config.warmup_ratio,          # transformers 5: a float in [0, 1) is a ratio of the total steps
         weight_decay=config.weight_decay,
         bf16=uses_bf16(config),
+        fp16=uses_fp16(config),                    # pre-Ampere GPUs; it overrides the accelerate yaml's bf16 too
         # On a machine without CUDA, say so: otherwise accelerate sees no device, treats each process as
         # a lone run, and a 2-process launch trains two independent copies (checked in train()).
         use_cpu=not torch.cuda.is_available(),
@@ -343,7 +348,9 @@ def bf16_is_fast() -> bool:
     AVX512-BF16 or AMX. Elsewhere (an AVX2-only CPU) torch emulates bf16 matmuls, and autocast made a training
     step about 19 times slower than float32 (AMD EPYC, AVX2 only, December 2026): such runs keep float32."""
     if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
+        # including_emulation=False: otherwise torch says yes on a V100 or T4 too (compute capability 7.x, before
+        # Ampere), which has no bf16 tensor cores, and transformers would accept bf16=True there.
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     native = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in native)
 
@@ -351,6 +358,18 @@ def bf16_is_fast() -> bool:
 def uses_bf16(config: TrainConfig) -> bool:
     """Return True when a run of ``config`` computes in bf16 autocast: asked for, and fast on this machine."""
     return config.bf16 and bf16_is_fast()
+
+
+def uses_fp16(config: TrainConfig) -> bool:
+    """Return True when a run of ``config`` computes in fp16 autocast instead: bf16 was asked for on a CUDA GPU
+    without it (V100, T4: before Ampere). The weights stay float32 and the Trainer scales the loss so that small
+    fp16 gradients do not underflow; on a CPU without native bf16 the run keeps float32 (``uses_bf16``)."""
+    return config.bf16 and torch.cuda.is_available() and not bf16_is_fast()
+
+
+def half_precision_dtype() -> str:
+    """Return the 16-bit dtype for frozen weights (a LoRA base) on this GPU: bfloat16, or float16 before Ampere."""
+    return "bfloat16" if bf16_is_fast() else "float16"
 
 
 def _ampere_or_newer() -> bool:
@@ -479,11 +498,43 @@ def _with_lora(model, config: TrainConfig):
     return model
 
 
-def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """Return the newest ``checkpoint-N`` folder in ``output_dir`` (what ``resume=True`` continues from), or None."""
-    from transformers.trainer_utils import get_last_checkpoint
+CHECKPOINT_STATE_FILE = "trainer_state.json"  # transformers.trainer_utils.TRAINER_STATE_NAME
 
-    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """Return the newest complete ``checkpoint-N`` folder in ``output_dir`` (what ``resume=True`` continues
+    from), or None.
+
+    Complete means its ``trainer_state.json`` parses and names step N. Trainer._save_checkpoint writes that file
+    last, after the model shards, optimizer, scheduler and RNG states (transformers 5.24 trainer.py:3377-3417),
+    and only then deletes older checkpoints; so a folder without it was cut off mid-save (a job preempted
+    while saving). transformers' own ``get_last_checkpoint`` goes by N alone and would pick it, and
+    ``Trainer.train`` then stops on the missing state file (trainer.py:1565) at every requeue.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    numbered = []
+    for path in folder.iterdir():
+        prefix, _, step = path.name.partition("-")
+        if prefix == "checkpoint" and step.isdecimal() and path.is_dir():
+            numbered.append((int(step), path))
+    for step, path in sorted(numbered, reverse=True):
+        try:
+            state = json.loads((path / CHECKPOINT_STATE_FILE).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            state = None
+        if isinstance(state, dict) and state.get("global_step") == step:
+            return str(path)
+        logger.warning("%s: skipped, its %s is missing or incomplete (the save was cut off)",
+                       path, CHECKPOINT_STATE_FILE)
+    return None
+
+
+def _eval_loss_at_start(trainer: Trainer) -> float | None:
+    """Return the held-out loss logged at step 0 (eval_on_start), None when this run's history has none."""
+    return next((float(entry["eval_loss"]) for entry in trainer.state.log_history
+                 if "eval_loss" in entry and entry.get("step") == 0), None)
 
 
 def _loss_curve(trainer: Trainer) -> list[tuple[int, float]]:
@@ -515,10 +566,67 @@ def _save_final(trainer: Trainer, tokenizer, config: TrainConfig, use_cache: boo
             tokenizer.save_pretrained(final_dir)
         trainer.accelerator.wait_for_everyone()
     else:
-        trainer.save_model(final_dir)  # a LoRA run under FSDP/DeepSpeed saves the adapter only
+        trainer.save_model(final_dir)  # a LoRA run under FSDP/DeepSpeed gathers and saves the adapter only
+        if config.lora:
+            if trainer.is_world_process_zero():
+                _merge_saved_adapter(final_dir, config)
+            trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         record_prompt_template(final_dir, "alpaca")  # `alpaca-nb reply` prompts it as it was trained
     return final_dir
+
+
+@contextlib.contextmanager
+def loading_whole_weights():
+    """Within it, ``from_pretrained`` loads whole weights even while a DeepSpeed ZeRO-3 run is on.
+
+    TrainingArguments registers its stage-3 config with transformers (a weak reference), and every
+    ``from_pretrained`` then loads inside ``deepspeed.zero.Init``, which partitions with collectives over all
+    ranks. accelerate 1.15's ``zero3_init_context_manager(enable=False)`` re-registers the same config
+    (DeepSpeedPlugin.set_deepspeed_weakref), so the registration itself is set aside here and put back after.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    reference = hf_deepspeed._hf_deepspeed_config_weak_ref
+    registered = reference() if reference is not None else None
+    if registered is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(registered)
+
+
+ADAPTER_DIR = "adapter"  # final/adapter: the LoRA weights a distributed run saved, kept beside the merged model
+
+
+def _merge_saved_adapter(final_dir: str, config: TrainConfig) -> None:
+    """Turn the adapter-only folder an FSDP/DeepSpeed LoRA run saved into a merged model folder (rank 0, CPU).
+
+    Under FSDP or DeepSpeed the adapter's weights are sharded across ranks, so the in-memory merge of a one-process
+    run is not possible; ``Trainer.save_model`` gathers them and writes ``adapter_config.json`` and
+    ``adapter_model.safetensors`` only, which ``load_model`` and ``load_result`` cannot open. Here the base
+    model is loaded again on the CPU, given the same ``[PAD]`` row as train() gave it (the mean of the rows
+    before: deterministic, and frozen during LoRA), the adapter applied and merged. The adapter files move to
+    ``final/adapter/``: left at the top, transformers would read the folder as an adapter on a base model.
+    """
+    from peft import PeftModel
+
+    folder = Path(final_dir)
+    adapter = folder / ADAPTER_DIR
+    adapter.mkdir(exist_ok=True)
+    for path in folder.iterdir():
+        if path.is_file() and path.name.startswith("adapter_"):
+            path.replace(adapter / path.name)
+    with loading_whole_weights():  # rank 0 alone: a ZeRO-3 load here would wait for the other ranks forever
+        base, base_tokenizer = load_model(config.model, dtype=_dtype(config.model_dtype))
+    ensure_pad_token(base, base_tokenizer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged.save_pretrained(final_dir)
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -584,12 +692,18 @@ def train(config: TrainConfig) -> TrainResult:
 
     # The held-out loss is what the training loss cannot show: whether the model got better on examples it
     # never saw. The loss per step moves with each batch's mix of examples; this one does not.
-    eval_before = trainer.evaluate()["eval_loss"] if eval_examples else None
+    # "Before" is measured inside train(), after accelerate has prepared the model and optimizer together
+    # (eval_on_start), not by trainer.evaluate() beforehand: under FSDP2 that call prepares the model alone
+    # and accelerate 1.15 refuses ("a model and optimizer must be passed together", accelerator.py:1519;
+    # transformers#48841). A resumed run finds the first attempt's step-0 value in the restored log history
+    # rather than measuring the checkpoint and calling it "before".
+    args.eval_on_start = eval_examples is not None and resume_from is None
     started = time.perf_counter()
     with quiet_hf_progress():  # a "Writing model shards" bar at every checkpoint
         trainer.train(resume_from_checkpoint=resume_from)
     elapsed = time.perf_counter() - started
     interrupted = bool(stopper and stopper.stopped)
+    eval_before = _eval_loss_at_start(trainer) if eval_examples else None
     eval_after = trainer.evaluate()["eval_loss"] if eval_examples and not interrupted else None
     final_dir = None
     if config.save_final_model and not interrupted:
@@ -666,7 +780,7 @@ def plot_loss_curve(result: TrainResult):
     steps, losses = zip(*result.loss_curve) if result.loss_curve else ((), ())
     figure, axis = plt.subplots(figsize=(7, 3.4), constrained_layout=True)
     axis.plot(steps, losses, marker="o", markersize=3, label="training loss (each step's batch)")
-    if result.eval_loss_after is not None:
+    if result.eval_loss_before is not None and result.eval_loss_after is not None:
         axis.plot([0, result.global_step], [result.eval_loss_before, result.eval_loss_after], marker="s",
                   linestyle="--", color="#d95f02", label=f"held-out loss ({result.eval_loss_before:.3f} -> "
                                                            f"{result.eval_loss_after:.3f})")
@@ -762,7 +876,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         held_out = (f"held-out loss {result.eval_loss_before:.4f} -> {result.eval_loss_after:.4f}; "
-                    if result.eval_loss_after is not None else "")
+                    if result.eval_loss_before is not None and result.eval_loss_after is not None else "")
         saved = (f"; model {result.final_model_dir}" if result.final_model_dir
                  else "; interrupted, no final model" if result.interrupted else "")
         print(f"{result.global_step} steps in {result.elapsed_seconds:.1f} s on {result.world_size} process(es) "

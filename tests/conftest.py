@@ -18,11 +18,22 @@ sys.path.insert(0, str(TESTS))
 # defaults to ../shared/data/upstream). Without it the loaders download the pinned files.
 if not os.environ.get("ALPACA_NB_DATA_DIR") and SHARED_UPSTREAM.is_dir():
     os.environ["ALPACA_NB_DATA_DIR"] = str(SHARED_UPSTREAM)
+# The stand-in overlay (ALPACA_NB_TEACHER_BASE_URL and the like, alpaca_nb/profiles.py) exported in a developer's
+# shell would change the profile every test reads: the tests start without it (the rehearsal sets its own).
+from alpaca_nb.profiles import ENV_PREFIX, STAND_INS  # noqa: E402
+
+for _setting in STAND_INS:
+    os.environ.pop(ENV_PREFIX + _setting.upper(), None)
 # tiktoken's encodings: `alpaca-nb prepare` installed them in the user cache. Fixed for the session
 # here, so that a test which points the user cache at an empty folder does not lose them.
 from alpaca_nb.costs import tiktoken_cache  # noqa: E402
 
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(tiktoken_cache()))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "rehearsal: the cluster profile's chapters and recipe on local stand-ins "
+                            "(tests/test_rehearsal.py, minutes; `make test` and CI run it)")
 
 
 @pytest.fixture(scope="session")

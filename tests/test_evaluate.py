@@ -496,3 +496,18 @@ def test_a_judge_that_stops_early_leaves_its_reason_and_count_in_the_results(tmp
     assert results.stopped_reason == "stopped: the key was refused"
     assert (results.judge["judged"], results.judge["pairs"]) == (2, 5)  # one of 2 calibration pairs, one of 3 replies
     assert read_evaluation(tmp_path).stopped_reason == "stopped: the key was refused"
+
+
+def test_greedy_completions_batch_a_tokenizer_without_a_pad_token_and_leave_it_so(tiny):
+    """LLaMA-7B's tokenizer has no pad token (the cluster's base model): batching pads with EOS, for the call only."""
+    from alpaca_nb.evaluate import greedy_completions
+
+    model, tokenizer = tiny
+    tokenizer.pad_token = None
+    try:
+        replies = greedy_completions(model, tokenizer, ["Name a color.", "Give three tips for staying healthy."],
+                                     max_new_tokens=4, batch_size=2, show_progress=False)
+        assert len(replies) == 2 and all(reply.new_tokens <= 4 for reply in replies)
+        assert tokenizer.pad_token is None
+    finally:
+        tokenizer.pad_token = tokenizer.eos_token

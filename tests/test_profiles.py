@@ -71,3 +71,59 @@ def test_an_old_sentinel_is_refused_with_the_setting_and_the_fix(monkeypatch, li
     key = line.split(" = ")[0]
     with pytest.raises(ProfileError, match=rf"\[laptop\], {key} = .*: leave the setting out for"):
         load_profile("laptop")
+
+
+# --------------------------------------------------------------------------- the stand-in overlay
+
+
+def test_stand_in_variables_replace_only_where_the_profile_runs(monkeypatch, tiny_llama):
+    monkeypatch.setenv("ALPACA_NB_PROFILE", "cluster")
+    monkeypatch.setenv("ALPACA_NB_TEACHER_BASE_URL", "http://gpu-node:8000/v1/")
+    monkeypatch.setenv("ALPACA_NB_TEACHER_MODEL", "meta-llama/Llama-3.1-70B-Instruct")
+    monkeypatch.setenv("ALPACA_NB_BASE_MODEL", str(tiny_llama))
+    monkeypatch.setenv("ALPACA_NB_DEVICE", "cpu")
+    monkeypatch.setenv("ALPACA_NB_JUDGE_BASE_URL", "")  # empty: unset, the profile's own
+    profile, shipped = current_profile(), load_profile("cluster", stand_ins={})
+    assert profile.stand_ins == ("device", "base_model", "teacher_base_url", "teacher_model")
+    assert profile.teacher_base_url == "http://gpu-node:8000/v1" and profile.device == "cpu"
+    assert profile.base_model == str(tiny_llama) and profile.judge_base_url == shipped.judge_base_url
+    unchanged = {key for key in vars(shipped) if key not in profile.stand_ins and key != "stand_ins"}
+    assert all(getattr(profile, key) == getattr(shipped, key) for key in unchanged)
+    rows = dict(profile.as_rows())
+    assert rows["device"] == "cpu (stand-in: ALPACA_NB_DEVICE)" and rows["judge_base_url"] == shipped.judge_base_url
+    assert "stand_ins" not in rows
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("ALPACA_NB_DEVICE", "gpu0", "not a torch device"),
+    ("ALPACA_NB_TEACHER_BASE_URL", "gpu-node:8000/v1", r"http\(s\)://host"),
+    ("ALPACA_NB_MODERATION_BASE_URL", "ftp://host/v1", "POST /moderations"),
+    ("ALPACA_NB_FINETUNE_ASSET", "eval_instructions", "an Alpaca-format asset"),
+    ("ALPACA_NB_BASE_MODEL", "/no/such/model", "no model folder there"),
+    ("ALPACA_NB_EVAL_INSTRUCTIONS", "5", "not a stand-in setting"),
+])
+def test_a_bad_stand_in_is_refused_naming_its_variable(monkeypatch, variable, value, message):
+    monkeypatch.setenv("ALPACA_NB_PROFILE", "cluster")
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ProfileError, match=rf"{variable}.*{message}"):
+        current_profile()
+
+
+def test_stand_ins_lie_over_the_smoke_sizes_and_an_explicit_overlay_ignores_the_environment(monkeypatch):
+    monkeypatch.setenv("ALPACA_NB_DEVICE", "cpu")
+    smoke = load_profile("cluster", smoke=True)
+    assert smoke.smoke and smoke.device == "cpu" and smoke.eval_instructions < load_profile("cluster").eval_instructions
+    assert load_profile("cluster", stand_ins={}).device == "cuda"
+    with pytest.raises(ProfileError, match="not stand-in settings"):
+        load_profile("cluster", stand_ins={"eval_instructions": "5"})
+
+
+def test_model_labels_name_the_embedded_model_only_where_the_profile_runs_it(tiny_llama):
+    laptop = load_profile("laptop", stand_ins={})
+    assert {laptop.model_label(key) for key in ("chat_model", "base_model", "teacher_model", "judge_model")} == {
+        "embedded model"}
+    cluster = load_profile("cluster", stand_ins={"base_model": str(tiny_llama)})
+    assert cluster.model_label("teacher_model") == "gpt-4o-mini" and cluster.model_label("base_model") == tiny_llama.name
+    assert cluster.model_label("chat_model") == "meta-llama/Llama-3.1-8B-Instruct"
+    with pytest.raises(ValueError, match="device"):
+        cluster.model_label("device")

@@ -522,3 +522,27 @@ def test_the_report_withholds_the_win_rate_of_a_judge_that_disagrees_with_gpt4()
     strong = {metric["key"]: metric for metric in _judge_metrics(judge(12), win_rate(90, 89))}
     assert strong["win_rate"]["ours"] == pytest.approx(win_rate(7, 5, 12).rate)
     assert _metric_row(strong["win_rate"])["ours"] == f"{win_rate(7, 5, 12).rate:.1%}"
+
+
+def test_a_generate_stage_that_kept_nothing_leaves_an_empty_output_that_sft_data_mixes_from(tmp_path, monkeypatch):
+    """A teacher that keeps no instruction (seen in the cluster rehearsal: a 135M model behind a chat API, 3
+    requests) finishes the stage with an empty generated.jsonl; the mix is then all real records."""
+    import contextlib
+
+    from alpaca_nb import selfinstruct
+    from alpaca_nb import reproduce as module
+
+    profile = load_profile("laptop", smoke=True)
+    run = module._Run(profile, tmp_path, None)
+    report = selfinstruct.GenerationReport(tmp_path / "generate", kept=0, requests=3,
+                                           stopped_reason="done: request limit reached")
+    monkeypatch.setattr(selfinstruct, "teacher_endpoint", lambda _profile: contextlib.nullcontext(None))
+    monkeypatch.setattr(selfinstruct, "generate", lambda *args, **kwargs: report)
+    (tmp_path / "generate").mkdir()
+    assert module._generate(run, tmp_path / "generate").stopped_reason is None
+    assert (tmp_path / "generate" / "generated.jsonl").read_text() == ""
+    (tmp_path / "sft_data").mkdir()
+    module._sft_data(run, tmp_path / "sft_data")
+    mix = json.loads((tmp_path / "sft_data" / "mix.json").read_text())
+    assert mix["generated"] == 0 and mix["real"] == profile.finetune_examples
+    assert module._inputs("sft_data", run)["generated.jsonl"] == file_sha256(tmp_path / "generate" / "generated.jsonl")
