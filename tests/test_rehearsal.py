@@ -14,7 +14,7 @@ variables, alpaca_nb/profiles.py), and its sizes shrunk by [smoke]:
   offline CI machines do not hold the 52K file.
 
 The API key is a dummy that must never reach an output. The rehearsal's runs go to a user cache of their own.
-About 6 minutes on 2 CPU cores; ``pytest -m "not rehearsal"`` leaves it out.
+About 2-2.5 minutes on 2 CPU cores; ``pytest -m "not rehearsal"`` leaves it out.
 """
 
 from __future__ import annotations
