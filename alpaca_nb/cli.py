@@ -208,38 +208,39 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-# Voila asks each kernel to shut down and kills it after jupyter_client's 5 s shutdown_wait_time.
-_VOILA_GRACE_S = 15.0
-
-
 def _demo(args: argparse.Namespace) -> int:
-    """Serve the chat demo (``demo_app.ipynb``) with Voila on ``args.host``:``args.port`` until interrupted."""
+    """Serve the chat demo to a class (``demo_server``, Gradio) on ``args.host``:``args.port`` until interrupted:
+    one process, the model loaded once; SIGTERM or Ctrl-C closes the server on the way out."""
     import os
+    import threading
     from pathlib import Path
 
-    from alpaca_nb.demo import APP_NOTEBOOK, ServedDemo
-    from alpaca_nb.processes import start_in_own_session, stop_process_tree
+    from alpaca_nb.demo import ServedDemo
+    from alpaca_nb.demo_server import PASSWORD_ENV, ClassSettings, access_password, serve
 
     try:
         served = ServedDemo(args.model, args.base_url, str(Path(args.flags).resolve()))
+        settings = ClassSettings(args.concurrency, args.queue_size, args.per_minute, args.max_tokens)
     except ValueError as error:
         print(f"alpaca-nb demo: {error}", file=sys.stderr)
         return 2
-    command = [sys.executable, "-m", "voila", str(APP_NOTEBOOK), f"--port={args.port}", f"--Voila.ip={args.host}",
-               "--no-browser", f"--Voila.root_dir={APP_NOTEBOOK.parent}"]
-    print(f"serving the chat demo of {served.describe()} at http://{args.host}:{args.port}/ (Ctrl-C stops it)",
-          flush=True)
-    # Its own session, so that Voila and the kernels it starts are stopped here, as a tree, on Ctrl-C or SIGTERM.
-    voila = start_in_own_session(command, env={**os.environ, **served.environment()})
+    password, generated = access_password(args.host, args.password or os.environ.get(PASSWORD_ENV))
+    print(f"loading {served.describe()} …", flush=True)
+    app = serve(served.build(), args.host, args.port, password, settings)
     try:
-        status = voila.wait()
+        print(f"serving the chat demo at http://{args.host}:{args.port}/ to many visitors: {settings.concurrency} "
+              f"answers at a time, {settings.queue_size} waiting at most, {settings.per_minute} questions a minute "
+              f"per visitor; flags go to {served.flags_path} (Ctrl-C stops it)", flush=True)
+        if generated:
+            print(f"visitors sign in with any name and this password: {password} "
+                  f"(set {PASSWORD_ENV} to choose one)", flush=True)
+        elif password:
+            print("visitors sign in with any name and the password you gave", flush=True)
+        threading.Event().wait()  # the server runs in its own threads; this returns only by an exception
     except KeyboardInterrupt:
         return 0
     finally:
-        stop_process_tree(voila, grace_s=_VOILA_GRACE_S)  # Voila shuts its kernels down on SIGTERM
-    if status != 0:
-        print(f"alpaca-nb demo: Voila exited with status {status} (its log is above)", file=sys.stderr)
-        return 1
+        app.close()
     return 0
 
 
@@ -318,13 +319,19 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=("generate", "sft_data", "fine_tune", "evaluate", "watermark"),
                        help="run only these stages (default: all); the report covers every finished one")
     repro.set_defaults(run=_reproduce)
-    demo = commands.add_parser("demo", help="serve chapter 6's chat demo as a web page (Voila) on this machine")
+    demo = commands.add_parser("demo", help="serve chapter 6's chat demo to a class as one web app (Gradio)")
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     demo.add_argument("--port", type=int, default=8866)
     demo.add_argument("--model", default=None, help="local path or Hugging Face id (default: the embedded model); "
                       "with --base-url, the model name at that endpoint")
     demo.add_argument("--base-url", default=None, help="answer through this OpenAI-compatible /v1 URL (streamed)")
     demo.add_argument("--flags", default="flags.jsonl", help="JSONL file that flagged answers are appended to")
+    demo.add_argument("--password", default=None, help="the page's password (needed off this machine; default: "
+                      "$ALPACA_NB_DEMO_PASSWORD, else a random one, printed); the variable keeps it out of `ps`")
+    demo.add_argument("--concurrency", type=int, default=4, help="answers the model works on at once (default 4)")
+    demo.add_argument("--queue-size", type=int, default=64, help="requests that may wait; more are refused")
+    demo.add_argument("--per-minute", type=int, default=6, help="questions each visitor may ask a minute")
+    demo.add_argument("--max-tokens", type=int, default=256, help="longest answer a visitor may ask for")
     demo.set_defaults(run=_demo)
     # Listed for --help only: main() hands `alpaca-nb train ...` to alpaca_nb.train's own parser.
     commands.add_parser("train", help="fine-tune on Alpaca data (options: alpaca-nb train --help; its cost "

@@ -2,10 +2,13 @@
 
 ``ChatDemo.respond`` checks the lengths, asks the content filter about the instruction, streams the reply
 (the in-process model through transformers' ``TextIteratorStreamer`` in a worker thread, or any
-``Endpoint`` with ``stream=True``), asks the filter about the reply, and keeps the exchange in the
-history. ``ChatDemo.flag`` appends an exchange and the user's reason to a flags JSONL file, as the release
-asked its users to report concerning answers. ``widgets.chat_demo_widget`` is the view.
-``ServedDemo`` is what ``alpaca-nb demo`` serves as a web page with Voila (``demo_app.ipynb``).
+``Endpoint`` with ``stream=True``) and keeps the exchange in the history. The reply reaches the caller only
+through the filter: it is cut into chunks (a sentence, a line, or at most ``CHUNK_WORDS`` words), and the
+reply up to a chunk's end is shown only after the filter passed it, so a view never holds flagged text.
+``ChatDemo.flag`` appends an exchange and the user's reason to a flags JSONL file, as the release asked its
+users to report concerning answers. ``widgets.chat_demo_widget`` is the notebook's view;
+``demo_server`` serves the same logic to a class (``alpaca-nb demo``): one model, one ``ChatDemo`` per
+visitor (``ChatDemo.for_new_visitor``), and ``VisitorLimits`` on each visitor's requests.
 
 Unlike alpaca-lora's ``generate.py``, whose temperature and top-p sliders changed nothing because it never set
 ``do_sample``, every control here reaches ``generate``: temperature 0 is greedy decoding, above 0 samples,
@@ -14,11 +17,11 @@ more than one beam searches.
 
 from __future__ import annotations
 
-import json
-import os
+import html
+import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -27,20 +30,27 @@ from alpaca_nb.jsonl import append_records
 from alpaca_nb.safety import Moderation, moderate, watermarking_config
 from alpaca_nb.sft import format_prompt
 
-__all__ = ["APP_NOTEBOOK", "TERMS_OF_USE", "ChatDemo", "DecodingSettings", "Exchange", "ServedDemo", "build_prompt",
-           "length_problem"]
+__all__ = ["CHUNK_WORDS", "ChatDemo", "DecodingSettings", "Exchange", "ServedDemo", "VisitorLimits", "build_prompt",
+           "chunk_end", "exchange_html", "length_problem", "terms_of_use"]
 
 TEMPLATES = ("alpaca", "chat")
-APP_NOTEBOOK = Path(__file__).with_name("demo_app.ipynb")  # the page `alpaca-nb demo` serves with Voila
-SERVED_DEMO_ENV = "ALPACA_NB_DEMO"  # how `alpaca-nb demo` tells Voila's kernel what to serve (kernels inherit it)
 MAX_INSTRUCTION_CHARS = 1000
 MAX_INPUT_CHARS = 2000
-TERMS_OF_USE = (
-    "This demo is for research and teaching only, not for commercial use: Alpaca's data (CC BY-NC 4.0) and "
-    "LLaMA's licence forbid it. Answers can be wrong, biased or offensive. Every exchange passes a content "
-    "filter, and answers carry a watermark that marks them as machine-written. Flag a concerning answer "
-    "with the button below it."
-)
+# The filter reads the reply a chunk at a time: a sentence, a line, or this many words without either.
+# Shorter chunks show the reply sooner and cost more filter calls (one API request each with OpenAI's).
+CHUNK_WORDS = 8
+_WORD = re.compile(r"\S+(\s+)")
+_SENTENCE_END = re.compile(r"[.!?…:;][\"'”’)\]]*$")
+
+
+def terms_of_use(watermarked: bool) -> str:
+    """Return the terms shown above the demo; they promise a watermark only where the answers carry one."""
+    mark = ("answers carry a watermark that marks them as machine-written" if watermarked else
+            "these answers carry NO watermark: they come from an external server, which the demo cannot mark")
+    return ("This demo is for research and teaching only, not for commercial use: Alpaca's data (CC BY-NC 4.0) "
+            "and LLaMA's licence forbid it. Answers can be wrong, biased or offensive. Every exchange passes a "
+            f"content filter before anything is shown, and {mark}. Flag a concerning answer with the button "
+            "below it.")
 
 
 @dataclass(frozen=True)
@@ -99,6 +109,20 @@ def length_problem(instruction: str, input_text: str = "") -> str | None:
     return None
 
 
+def chunk_end(text: str, start: int = 0) -> int | None:
+    """Return where the last whole chunk of ``text[start:]`` ends, or None before the first one is whole.
+
+    A chunk ends at the whitespace after a sentence's end or a line, or after ``CHUNK_WORDS`` words; a word
+    counts only once whitespace follows it, since the next streamed piece may still extend it.
+    """
+    end, words = None, 0
+    for match in _WORD.finditer(text, start):
+        words += 1
+        if words >= CHUNK_WORDS or "\n" in match.group(1) or _SENTENCE_END.search(match.group(0).rstrip()):
+            end, words = match.end(), 0
+    return end
+
+
 def build_prompt(instruction: str, input_text: str, template: str, tokenizer: Any = None) -> str | list[dict]:
     """Return the prompt: the Alpaca template's text, or the chat messages (rendered with ``tokenizer`` if given)."""
     if template == "alpaca":
@@ -122,6 +146,23 @@ class Exchange:
     checker: str = ""
     stopped_by_user: bool = False
     seconds: float = 0.0
+
+
+def exchange_html(exchange: Exchange) -> str:
+    """Return one exchange as the demo's views show it: a blocked reply is named, never shown."""
+    asked = html.escape(exchange.instruction) + (f"<br><i>{html.escape(exchange.input)}</i>" if exchange.input else "")
+    if exchange.blocked:
+        answer = (f"<b>blocked</b>: the content filter flagged the {exchange.blocked} "
+                  f"({html.escape(', '.join(exchange.categories))}; checker {html.escape(exchange.checker)})")
+    else:
+        answer = f"<span style='white-space: pre-wrap'>{html.escape(exchange.reply)}</span>"
+    settings = exchange.settings
+    decoding = ("greedy" if settings["temperature"] == 0 else
+                f"sampled at temperature {settings['temperature']:g}, top-p {settings['top_p']:g}, top-k {settings['top_k']}")
+    note = (f"{settings['template']} template, {decoding}, {settings['num_beams']} beam(s), "
+            f"{'watermarked' if settings['watermark'] else 'no watermark'}, {exchange.seconds:.1f} s"
+            + (", stopped" if exchange.stopped_by_user else ""))
+    return f"<p><b>You:</b> {asked}<br><b>Model:</b> {answer}<br><small>{html.escape(note)}</small></p>"
 
 
 class _StopWhenSet:
@@ -152,36 +193,74 @@ class ChatDemo:
         self.history: list[Exchange] = []
         self.stop_event = threading.Event()
 
+    @property
+    def can_watermark(self) -> bool:
+        """Whether answers can carry the watermark: only the in-process model's, whose logits the demo controls."""
+        return self.model is not None
+
+    def for_new_visitor(self) -> ChatDemo:
+        """Return a demo for another visitor: the same model, filter and flags file; its own history and Stop."""
+        return ChatDemo(self.model, self.tokenizer, self.endpoint, self.check, self.flags_path)
+
+    def warm_up(self) -> None:
+        """Answer a short prompt once, unseen (in-process model only), so that the first visitor does not wait
+        while the weights are paged in and the kernels initialised (about a second on a laptop)."""
+        if self.model is not None:
+            for _ in self._stream_model(build_prompt("Say hello.", "", "alpaca"), DecodingSettings(max_new_tokens=2)):
+                pass
+
     def stop(self) -> None:
         """Ask the reply being generated to end now (the Stop button)."""
         self.stop_event.set()
 
     def respond(self, instruction: str, input_text: str = "", settings: DecodingSettings = DecodingSettings()
                 ) -> Iterator[str]:
-        """Yield the reply so far, growing, then keep the exchange in ``history`` (its last entry).
+        """Yield the reply so far, a passed chunk at a time, then keep the exchange in ``history`` (its last entry).
 
-        A refused length raises ValueError with the message to show. A filtered instruction yields nothing
-        and is kept as blocked; a filtered reply is kept as blocked, and the view hides it.
+        Nothing is yielded that the filter has not passed: the instruction is checked before generating, and the
+        reply up to each chunk's end (``chunk_end``) before it is yielded, then whole at the end. A refused length
+        raises ValueError with the message to show. A filtered instruction yields nothing; a filtered reply ends
+        generation at once. Either is kept as blocked (the reply too, for a flag), and views name it, never show it.
+        Where the demo cannot watermark (an endpoint), the exchange records ``watermark`` False.
         """
         problem = length_problem(instruction, input_text)
         if problem:
             raise ValueError(problem)
         self.stop_event.clear()
         started = time.perf_counter()
+        if settings.watermark and not self.can_watermark:
+            settings = replace(settings, watermark=False)
         exchange = Exchange(instruction, input_text, "", asdict(settings))
         asked = self.check(instruction_text(instruction, input_text))
         if asked.flagged:
             exchange.blocked, exchange.categories, exchange.checker = "instruction", asked.flagged_categories(), asked.checker
         else:
-            for exchange.reply in self._stream(instruction, input_text, settings):
-                yield exchange.reply
-            answered = self.check(exchange.reply)
-            exchange.checker = answered.checker
-            if answered.flagged:
-                exchange.blocked, exchange.categories = "reply", answered.flagged_categories()
-        exchange.stopped_by_user = self.stop_event.is_set()
+            yield from self._filtered_reply(exchange, settings)
         exchange.seconds = time.perf_counter() - started
         self.history.append(exchange)
+
+    def _filtered_reply(self, exchange: Exchange, settings: DecodingSettings) -> Iterator[str]:
+        shown_end = 0  # the reply up to here passed the filter and was yielded
+        for exchange.reply in self._stream(exchange.instruction, exchange.input, settings):
+            end = chunk_end(exchange.reply, shown_end)
+            if end is None:
+                continue
+            if not self._passes(exchange, exchange.reply[:end].rstrip()):
+                break
+            shown_end = end
+            yield exchange.reply[:end].rstrip()
+        exchange.stopped_by_user = self.stop_event.is_set() and exchange.blocked is None
+        if exchange.blocked is None and self._passes(exchange, exchange.reply) and len(exchange.reply) > shown_end:
+            yield exchange.reply
+
+    def _passes(self, exchange: Exchange, reply: str) -> bool:
+        """Ask the filter about the reply so far; on a flag, mark the exchange blocked and end generation."""
+        verdict = self.check(reply)
+        exchange.checker = verdict.checker
+        if verdict.flagged:
+            exchange.blocked, exchange.categories = "reply", verdict.flagged_categories()
+            self.stop_event.set()
+        return not verdict.flagged
 
     def reply(self, instruction: str, input_text: str = "", settings: DecodingSettings = DecodingSettings()) -> Exchange:
         """Return the whole exchange at once (the static book, scripts and tests)."""
@@ -263,23 +342,14 @@ class ServedDemo:
         if self.base_url and not self.model:
             raise ValueError("with a base URL, name the model to ask there (--model)")
 
-    def environment(self) -> dict[str, str]:
-        """Return the environment variable that hands these settings to the served notebook's kernel."""
-        return {SERVED_DEMO_ENV: json.dumps(asdict(self))}
-
-    @classmethod
-    def from_environment(cls, environ: dict[str, str] | None = None) -> ServedDemo:
-        """Return the settings ``alpaca-nb demo`` set, or the defaults when the notebook runs on its own."""
-        value = (os.environ if environ is None else environ).get(SERVED_DEMO_ENV)
-        return cls(**json.loads(value)) if value else cls()
-
     def describe(self) -> str:
         if self.base_url:
-            return f"{self.model} at {self.base_url}"
+            return f"{self.model} at {self.base_url} (no watermark: an external server)"
         return self.model or "the embedded SmolLM2-135M-Instruct (in process, on this machine)"
 
     def build(self, check: Callable[[str], Moderation] | None = None) -> ChatDemo:
-        """Return the ``ChatDemo`` these settings describe; ``check`` defaults to the profile's content filter."""
+        """Return the ``ChatDemo`` these settings describe, its model loaded once; ``check`` defaults to the
+        profile's content filter. Each visitor gets ``for_new_visitor()`` of it."""
         from alpaca_nb.profiles import current_profile
 
         if check is None:
@@ -294,3 +364,43 @@ class ServedDemo:
 
         model, tokenizer = load_model(self.model, device=current_profile().device)
         return ChatDemo(model, tokenizer, check=check, flags_path=self.flags_path)
+
+
+class VisitorLimits:
+    """Each visitor's share of a served demo: one answer at a time, at most ``per_minute`` requests a minute,
+    and replies of at most ``max_new_tokens`` tokens. Thread-safe: a server's handlers call it concurrently."""
+
+    def __init__(self, per_minute: int = 6, max_new_tokens: int = 256, clock: Callable[[], float] = time.monotonic):
+        if per_minute < 1 or max_new_tokens < 1:
+            raise ValueError("per_minute and max_new_tokens must be at least 1")
+        self.per_minute, self.max_new_tokens, self.clock = per_minute, max_new_tokens, clock
+        self._started: dict[str, list[float]] = {}
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+
+    def admit(self, visitor: str, settings: DecodingSettings) -> str | None:
+        """Return why ``visitor``'s request is refused now, or None after counting it as started (then
+        ``finished`` must follow)."""
+        if settings.max_new_tokens > self.max_new_tokens:
+            return f"This demo answers with at most {self.max_new_tokens} tokens; lower max tokens."
+        now = self.clock()
+        with self._lock:
+            if visitor in self._busy:
+                return "Your previous question is still being answered; wait for it or press Stop."
+            recent = [t for t in self._started.get(visitor, []) if now - t < 60]
+            if len(recent) >= self.per_minute:
+                return (f"You have asked {len(recent)} questions in the last minute, this demo's limit per visitor; "
+                        f"try again in {60 - (now - recent[0]):.0f} s.")
+            self._started[visitor] = [*recent, now]
+            self._busy.add(visitor)
+        return None
+
+    def finished(self, visitor: str) -> None:
+        with self._lock:
+            self._busy.discard(visitor)
+
+    def forget(self, visitor: str) -> None:
+        """Drop what is kept about a visitor who left."""
+        with self._lock:
+            self._busy.discard(visitor)
+            self._started.pop(visitor, None)

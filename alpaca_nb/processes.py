@@ -1,7 +1,7 @@
 """Child processes that end with the command that started them: own sessions, a parent-death signal, SIGTERM.
 
 A SLURM time limit sends SIGTERM to ``alpaca-nb``; ``kill -9`` or a dead notebook kernel sends nothing at all.
-Either way the llama.cpp server (:mod:`alpaca_nb.llm`) and the Voila demo with its kernels (``alpaca-nb demo``)
+Either way the llama.cpp server (:mod:`alpaca_nb.llm`) and any server or kernel started beside it
 must not keep running, holding a gigabyte or more, after what started them is gone. So they are
 
 * started as leaders of their own session (:func:`start_in_own_session`): the whole group can be signalled at

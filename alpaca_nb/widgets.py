@@ -215,22 +215,6 @@ def moderation_widget(check: Callable[[str], object], text: str = "") -> widgets
     return widgets.VBox([box, verdict])
 
 
-def _exchange_html(exchange) -> str:
-    asked = html.escape(exchange.instruction) + (f"<br><i>{html.escape(exchange.input)}</i>" if exchange.input else "")
-    if exchange.blocked:
-        answer = (f"<b>blocked</b>: the content filter flagged the {exchange.blocked} "
-                  f"({html.escape(', '.join(exchange.categories))}; checker {html.escape(exchange.checker)})")
-    else:
-        answer = f"<span style='white-space: pre-wrap'>{html.escape(exchange.reply)}</span>"
-    settings = exchange.settings
-    decoding = ("greedy" if settings["temperature"] == 0 else
-                f"sampled at temperature {settings['temperature']:g}, top-p {settings['top_p']:g}, top-k {settings['top_k']}")
-    note = (f"{settings['template']} template, {decoding}, {settings['num_beams']} beam(s), "
-            f"{'watermarked' if settings['watermark'] else 'no watermark'}, {exchange.seconds:.1f} s"
-            + (", stopped" if exchange.stopped_by_user else ""))
-    return f"<p><b>You:</b> {asked}<br><b>Model:</b> {answer}<br><small>{html.escape(note)}</small></p>"
-
-
 def chat_demo_widget(demo, instruction: str = "", input_text: str = "") -> widgets.VBox:
     """Return the chat demo's view over ``demo`` (a ``demo.ChatDemo``): the terms of use, the boxes and controls,
     Generate, Stop and Flag, the streamed reply and the history.
@@ -240,9 +224,9 @@ def chat_demo_widget(demo, instruction: str = "", input_text: str = "") -> widge
     """
     import threading
 
-    from alpaca_nb.demo import TERMS_OF_USE, DecodingSettings
+    from alpaca_nb.demo import DecodingSettings, exchange_html, terms_of_use
 
-    terms = widgets.HTML(f"<p><b>Terms of use.</b> {html.escape(TERMS_OF_USE)}</p>")
+    terms = widgets.HTML(f"<p><b>Terms of use.</b> {html.escape(terms_of_use(demo.can_watermark))}</p>")
     wide = widgets.Layout(width="95%")
     instruction_box = widgets.Textarea(value=instruction, description="instruction", layout=wide)
     input_box = widgets.Textarea(value=input_text, description="input", placeholder="optional", layout=wide)
@@ -253,7 +237,8 @@ def chat_demo_widget(demo, instruction: str = "", input_text: str = "") -> widge
     top_k = widgets.IntSlider(value=0, min=0, max=100, description="top-k (0 off)")
     beams = widgets.IntSlider(value=1, min=1, max=4, description="beams")
     max_tokens = widgets.IntSlider(value=128, min=8, max=512, step=8, description="max tokens")
-    watermark = widgets.Checkbox(value=True, description="watermark")
+    watermark = widgets.Checkbox(value=demo.can_watermark, disabled=not demo.can_watermark,
+                                 description="watermark" if demo.can_watermark else "watermark (not on an external server)")
     generate, stop = widgets.Button(description="Generate", button_style="primary"), widgets.Button(description="Stop")
     reason = widgets.Text(placeholder="what is wrong with the last answer?", description="reason")
     flag = widgets.Button(description="Flag this answer", button_style="warning")
@@ -262,7 +247,7 @@ def chat_demo_widget(demo, instruction: str = "", input_text: str = "") -> widge
         widget.add_class(f"alpaca-nb-demo-{name}")  # stable handles for a page's styles and the browser test
 
     def show_history() -> None:
-        history.value = "".join(_exchange_html(exchange) for exchange in reversed(demo.history))
+        history.value = "".join(exchange_html(exchange) for exchange in reversed(demo.history))
 
     def run() -> None:
         settings = DecodingSettings(template.value, temperature.value, top_p.value, top_k.value, beams.value,

@@ -54,5 +54,5 @@ def test_a_built_wheel_carries_the_package_data_files(tmp_path):
     wheel = next(tmp_path.glob("alpaca_nb-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for data_file in ("probes.jsonl", "judge_template.txt", "prices.toml", "profiles.toml", "moderation_rules.toml",
-                      "moderation_prompts.jsonl", "moderation_test_prompts.jsonl", "demo_app.ipynb"):
+                      "moderation_prompts.jsonl", "moderation_test_prompts.jsonl"):
         assert f"alpaca_nb/{data_file}" in names, data_file
