@@ -24,7 +24,7 @@ import gradio as gr  # the `demo` extra; only `alpaca-nb demo` imports this modu
 from alpaca_nb.demo import MAX_INPUT_CHARS, MAX_INSTRUCTION_CHARS, ChatDemo, DecodingSettings, VisitorLimits, \
     exchange_html, terms_of_use
 
-__all__ = ["ClassSettings", "access_password", "build_app", "serve"]
+__all__ = ["ClassSettings", "access_password", "build_app", "serve", "watermark_verdict"]
 
 PASSWORD_ENV = "ALPACA_NB_DEMO_PASSWORD"
 _CSS = ".alpaca-nb-demo-reply, .alpaca-nb-demo-history { white-space: normal; }"
@@ -118,10 +118,11 @@ def build_app(shared: ChatDemo, settings: ClassSettings = ClassSettings()) -> gr
             flag = gr.Button("Flag this answer", variant="secondary", scale=1)
         if shared.can_watermark:
             with gr.Accordion("Check a text for the watermark", open=False):
-                suspect = gr.Textbox(label="text (an answer of this demo, or anyone's)", lines=4)
+                suspect = gr.Textbox(label="text (an answer of this demo, or anyone's)", lines=4,
+                                     elem_classes="alpaca-nb-demo-suspect")
                 check = gr.Button("Check")
                 verdict = gr.HTML(elem_classes="alpaca-nb-demo-watermark")
-            check.click(_watermark_verdict(shared), suspect, verdict, concurrency_limit=None,
+            check.click(lambda text: watermark_verdict(shared, text), suspect, verdict, concurrency_limit=None,
                         api_visibility="private")
 
         def answer(instruction: str, input_text: str, template: str, temperature: float, top_p: float, top_k: float,
@@ -173,18 +174,17 @@ def build_app(shared: ChatDemo, settings: ClassSettings = ClassSettings()) -> gr
     return app.queue(max_size=settings.queue_size, default_concurrency_limit=settings.concurrency, api_open=False)
 
 
-def _watermark_verdict(shared: ChatDemo):
-    def verdict(text: str) -> str:
-        from alpaca_nb.safety import detect_watermark
+def watermark_verdict(shared: ChatDemo, text: str) -> str:
+    """Return what the page's watermark check says about ``text``: the detector at the served model's settings."""
+    from alpaca_nb.safety import detect_watermark
 
-        try:
-            result = detect_watermark(text, shared.tokenizer, shared.model.config, shared.model.device)
-        except ValueError as error:
-            return _message(str(error))
-        answer = "watermarked (z > 4): machine-written by this demo's model" if result.watermarked else "no watermark found"
-        return _message(f"{answer}: z = {result.z_score:.1f}, p = {result.p_value:.2g}, "
-                        f"{result.tokens_scored} tokens scored, {result.green_fraction:.0%} of them green")
-    return verdict
+    try:
+        result = detect_watermark(text, shared.tokenizer, shared.model.config, shared.model.device)
+    except ValueError as error:
+        return _message(str(error))
+    answer = "watermarked (z > 4): machine-written by this demo's model" if result.watermarked else "no watermark found"
+    return _message(f"{answer}: z = {result.z_score:.1f}, p = {result.p_value:.2g}, "
+                    f"{result.tokens_scored} tokens scored, {result.green_fraction:.0%} of them green")
 
 
 def _message(text: str) -> str:

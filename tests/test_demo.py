@@ -210,6 +210,12 @@ def test_each_visitor_of_the_in_process_model_gets_a_watermarked_answer(embedded
                              DecodingSettings(temperature=0.7, max_new_tokens=120))
     assert exchange.settings["watermark"] is True and shared.history == []
     assert detect_watermark(exchange.reply, tokenizer, model.config, model.device).z_score > 2
+    from alpaca_nb.demo_server import watermark_verdict  # what the served page's check says about it
+
+    z_served = float(re.search(r"z = (-?[\d.]+)", watermark_verdict(shared, exchange.reply)).group(1))
+    assert abs(z_served - detect_watermark(exchange.reply, tokenizer, model.config, model.device).z_score) < 0.06
+    assert "no watermark found" in watermark_verdict(shared, "The weather was mild and the harbour quiet all week.")
+    assert "at least 2" in watermark_verdict(shared, "Hi")
 
 
 def test_chunks_end_at_sentences_lines_or_after_a_few_words():

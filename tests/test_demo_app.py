@@ -161,6 +161,15 @@ def test_three_visitors_at_once_each_get_their_own_streamed_answer(served, brows
     # one process holds the model: no visitor started a process of its own
     assert psutil.Process(served.process.pid).children(recursive=True) == []
 
+    browser = browsers[1]  # any answer the demo gave can be checked for the watermark on the page
+    next(e for e in find(browser, "button") if "Check a text for the watermark" in e.text).click()
+    suspect = wait_for(lambda: [e for e in find(browser, ".alpaca-nb-demo-suspect textarea") if e.is_displayed()], 30,
+                       "the check's box")
+    suspect[0].send_keys(seen[1][-1])
+    next(e for e in find(browser, "button") if e.text.strip() == "Check").click()
+    verdict = wait_for(lambda: text_of(browser, "watermark"), 60, "the watermark verdict")
+    assert "tokens scored" in verdict and "z = " in verdict, verdict
+
 
 def test_a_harmful_prompt_is_blocked_and_can_be_flagged(served, browsers):
     browser = browsers[0]
