@@ -31,7 +31,7 @@ from alpaca_nb.safety import Moderation, moderate, watermarking_config
 from alpaca_nb.sft import format_prompt
 
 __all__ = ["CHUNK_WORDS", "ChatDemo", "DecodingSettings", "Exchange", "ServedDemo", "VisitorLimits", "build_prompt",
-           "chunk_end", "exchange_html", "length_problem", "terms_of_use"]
+           "chunk_end", "exchange_html", "history_html", "length_problem", "reply_html", "terms_of_use"]
 
 TEMPLATES = ("alpaca", "chat")
 MAX_INSTRUCTION_CHARS = 1000
@@ -165,6 +165,16 @@ def exchange_html(exchange: Exchange) -> str:
     return f"<p><b>You:</b> {asked}<br><b>Model:</b> {answer}<br><small>{html.escape(note)}</small></p>"
 
 
+def history_html(history: list[Exchange]) -> str:
+    """Return a visitor's exchanges, newest first, as the demo's views show them."""
+    return "".join(exchange_html(exchange) for exchange in reversed(history))
+
+
+def reply_html(text: str) -> str:
+    """Return a (passed) reply as it streams into a view."""
+    return f"<p style='white-space: pre-wrap'>{html.escape(text)}</p>"
+
+
 class _StopWhenSet:
     """A stopping criterion that ends generation once ``event`` is set (the Stop button)."""
 
@@ -270,6 +280,8 @@ class ChatDemo:
 
     def flag(self, index: int, reason: str) -> Path:
         """Append ``history[index]`` and the user's reason to the flags file (one whole line); return its path."""
+        if not self.history:
+            raise ValueError("Nothing to flag yet.")
         if not reason.strip():
             raise ValueError("Say what is wrong with the answer before flagging it.")
         exchange = self.history[index]

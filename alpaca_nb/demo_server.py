@@ -22,7 +22,7 @@ from typing import Iterator
 import gradio as gr  # the `demo` extra; only `alpaca-nb demo` imports this module
 
 from alpaca_nb.demo import MAX_INPUT_CHARS, MAX_INSTRUCTION_CHARS, ChatDemo, DecodingSettings, VisitorLimits, \
-    exchange_html, terms_of_use
+    history_html, reply_html, terms_of_use
 
 __all__ = ["ClassSettings", "access_password", "build_app", "serve", "watermark_verdict"]
 
@@ -130,21 +130,21 @@ def build_app(shared: ChatDemo, settings: ClassSettings = ClassSettings()) -> gr
             demo = visitors.get(request.session_hash)
             try:
                 decoding = DecodingSettings(template, temperature, top_p, int(top_k), int(beams), int(max_tokens),
-                                            watermark and shared.can_watermark)
+                                            watermark)  # respond() records it off where it cannot apply
             except ValueError as error:
-                yield _message(str(error)), "", _history(demo)
+                yield _message(str(error)), "", history_html(demo.history)
                 return
             refusal = limits.admit(request.session_hash, decoding)
             if refusal:
-                yield _message(refusal), "", _history(demo)
+                yield _message(refusal), "", history_html(demo.history)
                 return
             try:
-                yield _message("answering…"), "", _history(demo)
+                yield _message("answering…"), "", history_html(demo.history)
                 for text in demo.respond(instruction, input_text, decoding):
-                    yield _message("answering…"), _reply(text), _history(demo)
-                yield "", "", _history(demo)
+                    yield _message("answering…"), reply_html(text), history_html(demo.history)
+                yield "", "", history_html(demo.history)
             except ValueError as error:  # a refused length or template: the message says what to change
-                yield _message(str(error)), "", _history(demo)
+                yield _message(str(error)), "", history_html(demo.history)
             finally:
                 limits.finished(request.session_hash)
 
@@ -152,11 +152,8 @@ def build_app(shared: ChatDemo, settings: ClassSettings = ClassSettings()) -> gr
             visitors.get(request.session_hash).stop()
 
         def flag_answer(reason: str, request: gr.Request) -> tuple[str, str]:
-            demo = visitors.get(request.session_hash)
-            if not demo.history:
-                return _message("Nothing to flag yet."), reason
             try:
-                demo.flag(-1, reason)
+                visitors.get(request.session_hash).flag(-1, reason)
             except ValueError as error:
                 return _message(str(error)), reason
             return _message("Flagged; thank you. The instructor will read it."), ""
@@ -189,14 +186,6 @@ def watermark_verdict(shared: ChatDemo, text: str) -> str:
 
 def _message(text: str) -> str:
     return f"<p>{html.escape(text)}</p>" if text else ""
-
-
-def _reply(text: str) -> str:
-    return f"<p style='white-space: pre-wrap'>{html.escape(text)}</p>"
-
-
-def _history(demo: ChatDemo) -> str:
-    return "".join(exchange_html(exchange) for exchange in reversed(demo.history))
 
 
 def serve(shared: ChatDemo, host: str, port: int, password: str | None, settings: ClassSettings = ClassSettings()

@@ -224,7 +224,7 @@ def chat_demo_widget(demo, instruction: str = "", input_text: str = "") -> widge
     """
     import threading
 
-    from alpaca_nb.demo import DecodingSettings, exchange_html, terms_of_use
+    from alpaca_nb.demo import DecodingSettings, history_html, reply_html, terms_of_use
 
     terms = widgets.HTML(f"<p><b>Terms of use.</b> {html.escape(terms_of_use(demo.can_watermark))}</p>")
     wide = widgets.Layout(width="95%")
@@ -247,14 +247,14 @@ def chat_demo_widget(demo, instruction: str = "", input_text: str = "") -> widge
         widget.add_class(f"alpaca-nb-demo-{name}")  # stable handles for a page's styles and the browser test
 
     def show_history() -> None:
-        history.value = "".join(exchange_html(exchange) for exchange in reversed(demo.history))
+        history.value = history_html(demo.history)
 
     def run() -> None:
         settings = DecodingSettings(template.value, temperature.value, top_p.value, top_k.value, beams.value,
                                     max_tokens.value, watermark.value)
         try:
             for text in demo.respond(instruction_box.value, input_box.value, settings):
-                reply.value = f"<p style='white-space: pre-wrap'>{html.escape(text)}</p>"
+                reply.value = reply_html(text)
             status.value = ""
         except ValueError as error:  # a refused length or a wrong template: the message says what to change
             status.value = f"<p>{html.escape(str(error))}</p>"
@@ -269,9 +269,6 @@ def chat_demo_widget(demo, instruction: str = "", input_text: str = "") -> widge
         threading.Thread(target=run, daemon=True).start()
 
     def on_flag(_button: object) -> None:
-        if not demo.history:
-            status.value = "<p>Nothing to flag yet.</p>"
-            return
         try:
             path = demo.flag(-1, reason.value)
         except ValueError as error:
