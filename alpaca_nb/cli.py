@@ -9,6 +9,9 @@ from typing import Callable
 
 from alpaca_nb.data import ASSETS, DataError, resolve
 
+# reproduce.STAGES, named here so that --help does not import the stages' modules (tests/test_lab.py checks they agree).
+RECIPE_STAGES = ("generate", "sft_data", "fine_tune", "evaluate", "watermark")
+
 __all__ = ["main"]
 
 
@@ -208,6 +211,29 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lab(args: argparse.Namespace) -> int:
+    """Open the chapters live in JupyterLab (``alpaca_nb.lab``), after removing the stages named by --reset."""
+    import os
+    from pathlib import Path
+
+    from alpaca_nb.lab import book_dir, reset_stages, run_lab
+    from alpaca_nb.profiles import current_profile
+    from alpaca_nb.reproduce import StageError
+
+    try:
+        book = Path(args.book) if args.book else book_dir()
+        if args.smoke:
+            os.environ["ALPACA_NB_SMOKE"] = "1"  # the profile below and JupyterLab's kernels: every chapter smallest
+        for folder in reset_stages(current_profile(), args.reset):
+            print(f"removed {folder}: the chapters that need it run it again", flush=True)
+    except (FileNotFoundError, StageError) as error:
+        print(f"alpaca-nb lab: {error}", file=sys.stderr)
+        return 2
+    print(f"opening {book} in JupyterLab: double-click a chapter to open it as a notebook (Ctrl-C stops it)", flush=True)
+    run_lab(book, port=args.port, host=args.host, open_browser=not args.no_browser)
+    return 0  # not reached: run_lab replaces this process with JupyterLab
+
+
 def _demo(args: argparse.Namespace) -> int:
     """Serve the chat demo to a class (``demo_server``, Gradio) on ``args.host``:``args.port`` until interrupted:
     one process, the model loaded once; SIGTERM or Ctrl-C closes the server on the way out."""
@@ -316,9 +342,19 @@ def build_parser() -> argparse.ArgumentParser:
     repro.add_argument("--budget-usd", type=float, default=None, help="cap on API dollars (generation, then the judge)")
     repro.add_argument("--smoke", action="store_true", help="every stage at its smallest size: minutes on a laptop")
     repro.add_argument("--stages", nargs="+", default=None, metavar="STAGE",
-                       choices=("generate", "sft_data", "fine_tune", "evaluate", "watermark"),
+                       choices=RECIPE_STAGES,
                        help="run only these stages (default: all); the report covers every finished one")
     repro.set_defaults(run=_reproduce)
+    lab = commands.add_parser("lab", help="run the chapters live in JupyterLab (each book/*.md opens as a notebook)")
+    lab.add_argument("--port", type=int, default=8888)
+    lab.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    lab.add_argument("--no-browser", action="store_true", help="print the address instead of opening a browser")
+    lab.add_argument("--smoke", action="store_true", help="every chapter at its smallest size (seconds; its own runs)")
+    lab.add_argument("--reset", nargs="+", default=[], metavar="STAGE",
+                     choices=RECIPE_STAGES,
+                     help="first delete these stages' results, so the chapters run them afresh")
+    lab.add_argument("--book", default=None, help="the chapters' folder (default: the clone's book/)")
+    lab.set_defaults(run=_lab)
     demo = commands.add_parser("demo", help="serve chapter 6's chat demo to a class as one web app (Gradio)")
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     demo.add_argument("--port", type=int, default=8866)

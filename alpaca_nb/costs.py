@@ -33,8 +33,8 @@ from alpaca_nb.training_compute import (
 __all__ = [
     # chapter 3's own
     "CostVerdict", "EpochTokens", "RecipeCost", "alpaca_epoch_tokens", "alpaca_finetune_flops", "break_even_keep_rate",
-    "cost_verdicts", "finetune_scenarios", "max_usd_per_gpu_hour", "paper_finetune_run", "recipe_cost",
-    "verdicts_frame",
+    "RecipeTerms", "cost_verdicts", "finetune_scenarios", "max_usd_per_gpu_hour", "paper_finetune_run", "recipe_cost",
+    "recipe_terms", "verdicts_frame",
     # api_costs
     "TIKTOKEN_ENCODINGS", "BudgetExceeded", "GenerationCost", "Ledger", "LedgerEntry", "Price", "PriceError",
     "count_tokens", "generation_cost", "generation_cost_table", "install_tiktoken_encodings", "known_models",
@@ -69,6 +69,35 @@ def recipe_cost(*, keep_rate: float, model: str, batch: bool, gpu_name: str, n_g
     flops = finetune_flops(shape.n_params, tokens_per_epoch, epochs, n_layers=shape.n_layers, d_model=shape.d_model,
                            context=context)
     return RecipeCost(generation, training_time(flops.total, gpu_name, n_gpus, mfu), flops)
+
+
+@dataclass(frozen=True)
+class RecipeTerms:
+    """recipe_cost reduced to the numbers a page multiplies: the static book's calculator does this arithmetic in
+    the browser (alpaca_nb/widgets_js/recipe_cost.js; tests check its figures against recipe_cost)."""
+
+    n_instructions: int
+    tasks_per_completion: int
+    request_usd: dict[str, float]               # one request's dollars at each model's prices
+    batch_request_usd: dict[str, float | None]  # with the batch API's discount; None where a model has none
+    prices_as_of: dict[str, str]
+    flops_per_epoch: float                      # FLOPs grow linearly with epochs (finetune_flops)
+    gpus: dict[str, GPU]
+
+
+def recipe_terms(*, prompt_tokens: float, completion_tokens: float, tasks_per_completion: int, n_instructions: int,
+                 tokens_per_epoch: float, context: float, models: list[str], gpu_names: list[str],
+                 shape: ModelShape = LLAMA_7B) -> RecipeTerms:
+    """Return the terms of recipe_cost for these measured inputs, each model's prices and each GPU's."""
+    rates = {model: price(model) for model in models}
+    flops = finetune_flops(shape.n_params, tokens_per_epoch, 1, n_layers=shape.n_layers, d_model=shape.d_model,
+                           context=context)
+    return RecipeTerms(
+        n_instructions, tasks_per_completion,
+        {model: rate.cost(prompt_tokens, completion_tokens) for model, rate in rates.items()},
+        {model: rate.cost(prompt_tokens, completion_tokens, batch=True) if rate.batch_discount else None
+         for model, rate in rates.items()},
+        {model: rate.as_of for model, rate in rates.items()}, flops.total, {name: gpu(name) for name in gpu_names})
 
 
 

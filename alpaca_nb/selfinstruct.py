@@ -36,6 +36,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLACKLIST",
+    "NUMBER_MARK",
+    "PromptParts",
+    "assemble_prompt",
+    "prompt_parts",
     "FILTER_REASONS",
     "Candidate",
     "FORMATS",
@@ -798,6 +802,56 @@ def price_prompt(seed_examples: Sequence[Any], model: str = "text-davinci-003", 
     tokens = count_tokens(prompt, model)
     rates = price(model)
     return PromptPrice(prompt, tokens, rates.cost(tokens, 0), rates.cost(tokens, max_tokens))
+
+
+# Where a seed block's number goes in PromptParts' texts: a character no seed task holds.
+NUMBER_MARK = "\x00"
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """encode_prompt cut where its token count adds up: before each "###". Any choice of these seeds' prompt is
+    ``head`` + each chosen block numbered 1, 2, ... + ``tail`` numbered one past the last, and its tokens the sum
+    of the parts' tokens, each number's tokens swapped for "1"'s. The static book's prompt widget does that
+    arithmetic in the page (``assemble_prompt`` is its Python twin; tests check both against count_tokens)."""
+
+    head: str
+    head_tokens: int
+    blocks: list[str]          # "###\n" + each seed's block, NUMBER_MARK where its number goes
+    block_tokens: list[int]    # each block's tokens when numbered 1
+    tail: str                  # "###\n" + the next task's header, NUMBER_MARK for its number
+    tail_tokens: int           # numbered 1
+    number_tokens: list[int]   # tokens of str(n) at index n, for 0 to len(blocks) + 1
+    marks: list[int]           # how often NUMBER_MARK occurs in each block (3: instruction, input, output)
+
+
+def prompt_parts(seed_examples: Sequence[Any], model: str = "text-davinci-003", template: str | None = None) -> PromptParts:
+    """Return encode_prompt's parts for every one of ``seed_examples``, with their token counts for ``model``."""
+    head = (load_prompt_template() if template is None else template) + "\n"
+    blocks = [f"{BLOCK_SEPARATOR}\n" + _encode_block(NUMBER_MARK, example) for example in seed_examples]  # type: ignore[arg-type]
+    if any(NUMBER_MARK in str(value) for example in seed_examples for value in vars(example).values()):
+        raise ValueError("a seed task holds the NUL character, which PromptParts uses to mark a block's number")
+    tail = f"{BLOCK_SEPARATOR}\n" + _header(NUMBER_MARK, FIELDS[0])  # type: ignore[arg-type]
+    return PromptParts(head, count_tokens(head, model), blocks,
+                       [count_tokens(_numbered(block, 1), model) for block in blocks], tail,
+                       count_tokens(_numbered(tail, 1), model),
+                       [count_tokens(str(number), model) for number in range(len(blocks) + 2)],
+                       [block.count(NUMBER_MARK) for block in blocks])
+
+
+def _numbered(text: str, number: int) -> str:
+    return text.replace(NUMBER_MARK, str(number))
+
+
+def assemble_prompt(parts: PromptParts, chosen: Sequence[int]) -> tuple[str, int]:
+    """Return the prompt for the seeds at ``chosen`` and its tokens, by the parts' arithmetic alone."""
+    def renumbered(tokens: int, marks: int, number: int) -> int:
+        return tokens + marks * (parts.number_tokens[number] - parts.number_tokens[1])
+
+    prompt = parts.head + "".join(_numbered(parts.blocks[index], number) for number, index in enumerate(chosen, start=1))
+    tokens = parts.head_tokens + sum(renumbered(parts.block_tokens[index], parts.marks[index], number)
+                                     for number, index in enumerate(chosen, start=1))
+    return prompt + _numbered(parts.tail, len(chosen) + 1), tokens + renumbered(parts.tail_tokens, 1, len(chosen) + 1)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""ipywidgets views over tested alpaca_nb functions; no logic of their own.
+"""The chapters' widgets: views over tested alpaca_nb functions, with no logic of their own.
 
-Each ``*_widget`` returns a widget whose first state is already meaningful, so the static
-book (no kernel) shows real content.
+Each ``*_widget`` returns a widget whose first state is already meaningful, so the static book (no kernel) shows
+real content. Three act in the static book as well (the seed browser, the prompt price, the recipe's cost: their
+arithmetic runs in the page, ``static_widgets``); the rest are ipywidgets that need a kernel, and say so there.
 """
 
 from __future__ import annotations
@@ -11,96 +12,43 @@ from typing import Callable, Sequence
 
 import ipywidgets as widgets
 
-from alpaca_nb.seeds import filter_tasks, records_frame, shorten
+from alpaca_nb.static_widgets import PromptPriceWidget, RecipeCostWidget, SeedBrowserWidget
 
 __all__ = ["blind_vote_widget", "chat_demo_widget", "label_mask_widget", "moderation_widget", "prompt_price_widget",
            "recipe_cost_widget", "seed_browser_widget"]
 
-_CHOICES = {"any": None, "yes": True, "no": False}
+# The book's stylesheet (book/_css/cells.css) says on these widgets, in the static pages only, that their controls
+# need a live kernel and how to get one; the book check fails any other control that does nothing there.
+NEEDS_KERNEL = "alpaca-nb-needs-kernel"
 
 
-def _table_html(records: Sequence[object], total: int, rows: int) -> str:
-    header = f"<p><b>{len(records)}</b> of {total} tasks match; showing {min(rows, len(records))}.</p>"
-    if not records:
-        return header
-    frame = records_frame(records[:rows], max_chars=100)
-    return header + frame.to_html(index=False, escape=True, classes="alpaca-nb-table")
+def _needs_kernel(box: widgets.Box) -> widgets.Box:
+    box.add_class(NEEDS_KERNEL)
+    return box
 
 
-def seed_browser_widget(tasks: Sequence[object], rows: int = 10) -> widgets.VBox:
-    """Return a browser over ``tasks``: filter by classification and input, search text, see the matches."""
-    classification = widgets.Dropdown(options=list(_CHOICES), value="any", description="classification")
-    has_input = widgets.Dropdown(options=list(_CHOICES), value="any", description="has input")
-    search = widgets.Text(value="", placeholder="search instruction, input, output", description="search")
-    results = widgets.HTML()
-
-    def refresh(_change: object = None) -> None:
-        matches = filter_tasks(tasks, classification=_CHOICES[classification.value],
-                               has_input=_CHOICES[has_input.value], text=search.value)
-        results.value = _table_html(matches, len(tasks), rows)
-
-    for control in (classification, has_input, search):
-        control.observe(refresh, names="value")
-    refresh()
-    title = widgets.HTML(f"<b>Seed task browser</b> ({len(tasks)} tasks)")
-    return widgets.VBox([title, widgets.HBox([classification, has_input, search]), results])
+def seed_browser_widget(tasks: Sequence[object], rows: int = 10) -> SeedBrowserWidget:
+    """Return a browser over ``tasks``: filter by classification and input, search text, see the matches.
+    It acts in the static book too (static_widgets)."""
+    return SeedBrowserWidget(tasks, rows=rows)
 
 
 def prompt_price_widget(tasks: Sequence[object], chosen: Sequence[int] = (0, 1, 2), model: str = "text-davinci-003",
-                        max_tokens: int = 3072) -> widgets.VBox:
-    """Return a picker of seed tasks that shows the exact generation prompt, its tokens and its price."""
-    from alpaca_nb.selfinstruct import price_prompt
-
-    labels = [(f"{index}: {shorten(task.instruction, 70)}", index) for index, task in enumerate(tasks)]
-    picker = widgets.SelectMultiple(options=labels, value=tuple(chosen), rows=8, description="seeds",
-                                    layout=widgets.Layout(width="95%"))
-    summary, prompt_view = widgets.HTML(), widgets.HTML()
-
-    def refresh(_change: object = None) -> None:
-        priced = price_prompt([tasks[index] for index in picker.value], model=model, max_tokens=max_tokens)
-        summary.value = (f"<p><b>{len(picker.value)}</b> seeds &rarr; <b>{priced.prompt_tokens}</b> prompt tokens "
-                         f"({model} tokenizer); prompt ${priced.prompt_usd:.4f}, worst case with a "
-                         f"{max_tokens}-token completion ${priced.worst_case_usd:.4f} at {model} prices.</p>")
-        prompt_view.value = f"<pre style='white-space: pre-wrap; font-size: 0.8em'>{html.escape(priced.prompt)}</pre>"
-
-    picker.observe(refresh, names="value")
-    refresh()
-    return widgets.VBox([widgets.HTML("<b>Build a generation prompt</b> (pick seeds with Ctrl/Cmd-click)"),
-                         picker, summary, prompt_view])
+                        max_tokens: int = 3072) -> PromptPriceWidget:
+    """Return a picker of seed tasks that shows the exact generation prompt, its tokens and its price (in the static
+    book too); with a kernel, the prompt can be edited and is priced again."""
+    return PromptPriceWidget(tasks, chosen=chosen, model=model, max_tokens=max_tokens)
 
 
-def recipe_cost_widget(**fixed: object) -> widgets.VBox:
-    """Return sliders (keep rate, price, GPU, MFU, epochs) over costs.recipe_cost; ``fixed`` holds the measured inputs
-    (prompt_tokens, completion_tokens, tasks_per_completion, n_instructions, tokens_per_epoch, context)."""
-    from alpaca_nb.costs import known_models, recipe_cost
+def recipe_cost_widget(**measured: object) -> RecipeCostWidget:
+    """Return sliders (keep rate, price, GPU, MFU, epochs) over costs.recipe_cost, acting in the static book too;
+    ``measured`` holds the measured inputs (prompt_tokens, completion_tokens, tasks_per_completion, n_instructions,
+    tokens_per_epoch, context)."""
+    from alpaca_nb.costs import known_models
 
-    style = {"description_width": "120px"}
-    controls = {
-        "keep_rate": widgets.FloatSlider(value=0.5, min=0.05, max=1.0, step=0.05, description="keep rate", style=style),
-        "model": widgets.Dropdown(options=[m for m in known_models() if m != "smollm2-135m-instruct"],
-                                  value="text-davinci-003", description="teacher prices", style=style),
-        "batch": widgets.Checkbox(value=False, description="batch API discount"),
-        "gpu_name": widgets.Dropdown(options=["A100-80GB", "H100-80GB", "RTX-4090"], value="A100-80GB",
-                                     description="GPU", style=style),
-        "n_gpus": widgets.IntSlider(value=8, min=1, max=16, description="GPUs", style=style),
-        "mfu": widgets.FloatSlider(value=0.4, min=0.05, max=1.0, step=0.05, description="MFU", style=style),
-        "epochs": widgets.IntSlider(value=3, min=1, max=5, description="epochs", style=style),
-    }
-    totals = widgets.HTML()
-
-    def refresh(_change: object = None) -> None:
-        cost = recipe_cost(**{name: control.value for name, control in controls.items()}, **fixed)
-        totals.value = (
-            f"<p>generation: <b>{cost.generation.requests:,.0f}</b> requests, <b>${cost.generation.cost_usd:,.2f}</b><br>"
-            f"fine-tuning: {cost.flops.total:.3g} FLOPs, <b>{cost.finetune.wall_hours:,.2f} h</b> on "
-            f"{cost.finetune.n_gpus}&times;{cost.finetune.gpu} ({cost.finetune.gpu_hours:,.1f} GPU-hours), "
-            f"<b>${cost.finetune.cost_usd:,.2f}</b><br>whole recipe: <b>${cost.total_usd:,.2f}</b></p>")
-
-    for control in controls.values():
-        control.observe(refresh, names="value")
-    refresh()
-    return widgets.VBox([widgets.HTML("<b>Price the recipe</b> (measured token counts, dated prices)"),
-                         *controls.values(), totals])
+    models = ["text-davinci-003", *(model for model in known_models() if model not in ("text-davinci-003",
+                                                                                        "smollm2-135m-instruct"))]
+    return RecipeCostWidget(models=models, gpu_names=["A100-80GB", "H100-80GB", "RTX-4090"], **measured)
 
 
 def label_mask_widget(records: Sequence[object], tokenizer: object, start: int = 0, max_length: int = 512) -> widgets.VBox:
@@ -122,7 +70,7 @@ def label_mask_widget(records: Sequence[object], tokenizer: object, start: int =
 
     picker.observe(refresh, names="value")
     refresh()
-    return widgets.VBox([picker, view])
+    return _needs_kernel(widgets.VBox([picker, view]))
 
 
 def blind_vote_widget(pairs_for: Callable[[str], Sequence[object]], votes_path: str, rater: str = "") -> widgets.VBox:
@@ -186,7 +134,7 @@ def blind_vote_widget(pairs_for: Callable[[str], Sequence[object]], votes_path: 
     show.on_click(show_tally)
     name.observe(refresh, names="value")
     refresh()
-    return widgets.VBox([name, item, widgets.HBox(list(buttons.values())), show, result])
+    return _needs_kernel(widgets.VBox([name, item, widgets.HBox(list(buttons.values())), show, result]))
 
 
 def moderation_widget(check: Callable[[str], object], text: str = "") -> widgets.VBox:
@@ -212,7 +160,7 @@ def moderation_widget(check: Callable[[str], object], text: str = "") -> widgets
 
     box.observe(refresh, names="value")
     refresh()
-    return widgets.VBox([box, verdict])
+    return _needs_kernel(widgets.VBox([box, verdict]))
 
 
 def chat_demo_widget(demo, instruction: str = "", input_text: str = "") -> widgets.VBox:
@@ -282,5 +230,5 @@ def chat_demo_widget(demo, instruction: str = "", input_text: str = "") -> widge
     flag.on_click(on_flag)
     show_history()
     controls = widgets.VBox([template, temperature, top_p, top_k, beams, max_tokens, watermark])
-    return widgets.VBox([terms, instruction_box, input_box, controls, widgets.HBox([generate, stop]), status, reply,
-                         history, widgets.HBox([reason, flag])])
+    return _needs_kernel(widgets.VBox([terms, instruction_box, input_box, controls, widgets.HBox([generate, stop]),
+                                       status, reply, history, widgets.HBox([reason, flag])]))

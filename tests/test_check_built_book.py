@@ -90,3 +90,28 @@ def test_a_page_with_outputs_must_link_the_line_wrapping_stylesheet(tmp_path):
     page, html = page_with(tmp_path, '<div class="cell_output"><pre>a long line</pre></div>', head="")
     assert inspect_page(page, html, html).problems == [
         "the page does not link cells.css: long lines would scroll sideways"]
+
+
+def test_every_widget_control_either_acts_in_the_page_or_says_it_needs_a_kernel(tmp_path):
+    """The check uses each control: an acting widget's controls change what it shows; a kernel widget says so with
+    the command; an unmarked ipywidget's slider, inert in a static page, is a problem."""
+    import ipywidgets
+
+    from alpaca_nb.data import load_seed_tasks
+    from alpaca_nb.safety import moderate
+    from alpaca_nb.widgets import moderation_widget, seed_browser_widget
+    from browser import headless_chromium
+    from check_built_book import use_widgets
+    from static_page import static_page
+
+    widgets = [seed_browser_widget(load_seed_tasks()), moderation_widget(moderate, "hello"),
+               ipywidgets.IntSlider(3, description="unmarked")]
+    page = static_page(widgets, tmp_path)
+    driver = headless_chromium()
+    try:
+        acting, problems = use_widgets(driver, page, views=3)
+    finally:
+        driver.quit()
+    assert acting == 1
+    assert len(problems) >= 1 and all("does not say it needs a kernel" in problem for problem in problems)
+    assert any("unmarked" in problem for problem in problems)

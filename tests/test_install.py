@@ -24,7 +24,8 @@ def locked_versions() -> dict[str, str]:
 
 def test_the_lock_pins_the_packages_this_environment_runs():
     locked = locked_versions()
-    for package in ("openai", "httpx", "transformers", "accelerate", "jupyter-book", "tiktoken", "numpy"):
+    for package in ("openai", "httpx", "transformers", "accelerate", "jupyter-book", "tiktoken", "numpy", "anywidget",
+                    "jupyterlab", "jupytext"):
         assert locked[package] == version(package), package
     # torch is pinned by the set-up instead: the CPU wheel here, the CUDA wheel of that version on a cluster.
     assert "torch" not in locked
@@ -36,8 +37,8 @@ def test_conda_installs_the_same_pins_as_the_makefile():
     assert "-c requirements.lock" in pip_section
     assert makefile_variable("TORCH_SPEC") in pip_section
     assert makefile_variable("LOCK") == "requirements.lock"
-    assert "$(LOCK_CONSTRAINT) -e \".[book,dev,demo]\"" in (REPO / "Makefile").read_text()
-    assert "-e .[book,dev,demo]" in pip_section
+    assert "$(LOCK_CONSTRAINT) -e \".[book,dev,demo,lab]\"" in (REPO / "Makefile").read_text()
+    assert "-e .[book,dev,demo,lab]" in pip_section
 
 
 def test_a_built_wheel_carries_the_package_data_files(tmp_path):
@@ -54,5 +55,6 @@ def test_a_built_wheel_carries_the_package_data_files(tmp_path):
     wheel = next(tmp_path.glob("alpaca_nb-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     for data_file in ("probes.jsonl", "judge_template.txt", "prices.toml", "profiles.toml", "moderation_rules.toml",
-                      "moderation_prompts.jsonl", "moderation_test_prompts.jsonl"):
+                      "moderation_prompts.jsonl", "moderation_test_prompts.jsonl", "widgets_js/seed_browser.js",
+                      "widgets_js/prompt_price.js", "widgets_js/recipe_cost.js", "widgets_js/static_widgets.css"):
         assert f"alpaca_nb/{data_file}" in names, data_file

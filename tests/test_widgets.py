@@ -1,4 +1,5 @@
-"""alpaca_nb.widgets: the seed browser starts in a meaningful state and follows its controls."""
+"""alpaca_nb.widgets: each widget starts in a meaningful state and follows its controls; the three that act in the
+static book carry the data their page code needs (their behaviour in a page: tests/test_static_widgets.py)."""
 
 from __future__ import annotations
 
@@ -6,59 +7,49 @@ from alpaca_nb.data import load_seed_tasks
 from alpaca_nb.widgets import seed_browser_widget
 
 
-def controls(widget):
-    title, row, results = widget.children
-    classification, has_input, search = row.children
-    return classification, has_input, search, results
+def test_seed_browser_carries_what_its_page_filters_on():
+    tasks = load_seed_tasks()
+    widget = seed_browser_widget(tasks, rows=3)
+    assert widget.columns == ["id", "name", "instruction", "input", "output", "is_classification"]
+    assert len(widget.tasks) == 175 and widget.rows == 3
+    assert sum(task["classification"] is True for task in widget.tasks) == 26
+    assert [task["has_input"] for task in widget.tasks] == [bool(task.input.strip()) for task in tasks]
+    assert widget.tasks[0]["cells"][1] == "breakfast_suggestion" and widget.tasks[0]["fields"][2] == tasks[0].instruction.lower()
 
 
-def test_first_state_shows_all_tasks():
-    widget = seed_browser_widget(load_seed_tasks(), rows=3)
-    *_, results = controls(widget)
-    assert "<b>175</b> of 175 tasks match; showing 3." in results.value
-    assert "breakfast_suggestion" in results.value
-
-
-def test_controls_filter_the_table():
-    widget = seed_browser_widget(load_seed_tasks(), rows=3)
-    classification, has_input, search, results = controls(widget)
-    classification.value = "yes"
-    assert "<b>26</b> of 175" in results.value
-    search.value = "zebra-unicorn that no task mentions"
-    assert "<b>0</b> of 175 tasks match" in results.value and "<table" not in results.value
-
-
-def test_text_is_escaped():
-    from alpaca_nb.data import AlpacaRecord
-
-    widget = seed_browser_widget([AlpacaRecord("<script>alert(1)</script>", "", "x")])
-    *_, results = controls(widget)
-    assert "<script>" not in results.value and "&lt;script&gt;" in results.value
-
-
-def test_prompt_price_widget_shows_prompt_tokens_and_price():
-    from alpaca_nb.selfinstruct import price_prompt
+def test_prompt_price_widget_carries_the_prompt_parts_and_prices_an_edited_prompt():
+    from alpaca_nb.costs import count_tokens
+    from alpaca_nb.selfinstruct import PromptParts, assemble_prompt, price_prompt
     from alpaca_nb.widgets import prompt_price_widget
 
     tasks = load_seed_tasks()
     widget = prompt_price_widget(tasks, chosen=(0, 1, 2))
-    _, picker, summary, prompt_view = widget.children
-    expected = price_prompt(tasks[:3])
-    assert f"<b>{expected.prompt_tokens}</b> prompt tokens" in summary.value
-    assert f"${expected.prompt_usd:.4f}" in summary.value and prompt_view.value.removesuffix("</pre>").endswith("4. Instruction:")
-    picker.value = (5,)
-    assert "<b>1</b> seeds" in summary.value and "2. Instruction:" in prompt_view.value
+    prompt, tokens = assemble_prompt(PromptParts(**widget.parts), widget.chosen)
+    assert (prompt, tokens) == (price_prompt(tasks[:3]).prompt, price_prompt(tasks[:3]).prompt_tokens)
+    widget.edited_prompt = prompt + " Answer in French."
+    assert widget.edited_tokens == count_tokens(widget.edited_prompt, "text-davinci-003") > tokens
+    widget.edited_prompt = ""
+    assert widget.edited_tokens is None
+    sent = []
+    widget.send = sent.append
+    widget._answer(widget, {"type": "ping"}, [])
+    assert sent == [{"type": "kernel"}]  # the page's editor opens only when a kernel answers
 
 
-def test_recipe_cost_widget_updates_its_totals():
+def test_recipe_cost_widget_carries_recipe_costs_terms():
+    from dataclasses import asdict
+
+    from alpaca_nb.costs import recipe_terms
     from alpaca_nb.widgets import recipe_cost_widget
 
-    widget = recipe_cost_widget(prompt_tokens=800, completion_tokens=1600, tasks_per_completion=16, n_instructions=52002,
-                                tokens_per_epoch=1e7, context=200)
-    keep_rate, *_, totals = widget.children[1:]
-    assert "6,500</b> requests" in totals.value  # 52002 / (16 * 0.5)
-    keep_rate.value = 1.0
-    assert "3,250</b> requests" in totals.value
+    measured = dict(prompt_tokens=800, completion_tokens=1600, tasks_per_completion=16, n_instructions=52002,
+                    tokens_per_epoch=1e7, context=200)
+    widget = recipe_cost_widget(**measured)
+    assert widget.settings == {"keep_rate": 0.5, "model": "text-davinci-003", "batch": False, "gpu_name": "A100-80GB",
+                               "n_gpus": 8, "mfu": 0.4, "epochs": 3}
+    models, gpus = list(widget.terms["request_usd"]), list(widget.terms["gpus"])
+    assert "smollm2-135m-instruct" not in models and gpus == ["A100-80GB", "H100-80GB", "RTX-4090"]
+    assert widget.terms == asdict(recipe_terms(models=models, gpu_names=gpus, **measured))
 
 
 def test_label_mask_widget_colours_prompt_and_target_tokens_and_follows_the_picker():
@@ -122,3 +113,15 @@ def test_moderation_widget_shows_the_filter_verdict_and_follows_edits():
     assert "<b>blocked</b>: " in verdict.value and "violence (checker" in verdict.value
     box.value = "  "
     assert "Type a prompt" in verdict.value
+
+
+def test_a_widget_that_needs_a_kernel_says_so_in_the_static_book_and_how_to_get_one():
+    from pathlib import Path
+
+    from alpaca_nb.safety import moderate
+    from alpaca_nb.widgets import NEEDS_KERNEL, moderation_widget
+
+    assert NEEDS_KERNEL in moderation_widget(moderate, "hello")._dom_classes
+    stylesheet = (Path(__file__).resolve().parents[1] / "book" / "_css" / "cells.css").read_text()
+    notice = stylesheet[stylesheet.index(f".{NEEDS_KERNEL}::before"):]
+    assert "make lab" in notice[:notice.index("}")]
