@@ -10,13 +10,12 @@ that no import circle exists (tests/test_layout.py walks every import, lazy ones
 3. stages, one per chapter's stage: ``seeds`` (1), ``selfinstruct`` (2), ``costs`` (3), ``train`` (4),
    ``evaluate``/``judge``/``hallucination`` (5), ``safety``/``demo`` (6); a stage module knows nothing of the recipe
    that strings the stages together;
-4. the recipe: ``reproduce`` (stages run, skipped, resumed; the report card) and ``chapter_runs`` (what the
-   chapters run through it: chapter 2's generation, chapter 4's fine-tune, each needed by later chapters);
+4. the recipe: ``reproduce`` (stages run, skipped, resumed; the report card), and what the chapters run through it;
 5. views and commands: ``widgets``, ``static_widgets``, ``demo_server``, ``lab``, ``book``, ``cli``.
 
-Done: ``stats`` below evaluation, judging and hallucination; ``profiles`` below ``data``; the chapters' runs out of
-``selfinstruct`` and ``train`` into ``chapter_runs``: no circle is left. Still to do: split the modules that hold
-several jobs (``evaluate``, ``selfinstruct``, ``train``, ``reproduce``, ``data``, ``llm``) into files of one job each.
+Done so far: ``stats`` below evaluation, judging and hallucination (their circle is gone), ``profiles`` below
+``data`` (theirs too). Left: the chapters' helpers in ``selfinstruct`` and ``train`` that ask ``reproduce`` for their
+stages (the last circle), and the split of the modules that still hold several jobs.
 """
 
 __version__ = "0.2.0"
