@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 import httpx
 
+from alpaca_nb.profiles import cache_dir, current_profile
 from alpaca_nb.progress import progress_bar
 
 __all__ = [
@@ -269,11 +270,6 @@ class TruthfulQAQuestion:
 # --------------------------------------------------------------------------- locating files
 
 
-def cache_dir() -> Path:
-    """Return the user cache folder (``$ALPACA_NB_CACHE_DIR``, else ``~/.cache/alpaca_nb``)."""
-    return Path(os.environ.get("ALPACA_NB_CACHE_DIR") or Path.home() / ".cache" / "alpaca_nb").expanduser()
-
-
 def _data_dir() -> Path | None:
     value = os.environ.get("ALPACA_NB_DATA_DIR")
     return Path(value).expanduser() if value else None
@@ -513,8 +509,6 @@ def load_alpaca_data(
     (stanford_alpaca#265): those records are kept and counted in a warning, never dropped.
     """
     if path is None and asset is None:
-        from alpaca_nb.profiles import current_profile
-
         asset = current_profile().alpaca_asset
     source = resolve(asset, None) if path is None else resolve("alpaca_data", path)
     if allow_empty_output is None:

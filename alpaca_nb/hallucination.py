@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from alpaca_nb.data import DataError
+from alpaca_nb.stats import evenly_spaced
 
 __all__ = [
     "CATEGORIES",
@@ -393,7 +394,7 @@ def hallucination_table(replies: dict[str, Sequence[Any]], probes: Sequence[Prob
 
 
 def _rate_row(verdicts: Sequence[str]) -> dict[str, Any]:
-    from alpaca_nb.evaluate import wilson_interval
+    from alpaca_nb.stats import wilson_interval
 
     counts = {verdict: verdicts.count(verdict) for verdict in VERDICTS}
     answered = counts["correct"] + counts["wrong"]
@@ -511,13 +512,6 @@ class TruthfulQAResult:
     questions_of: int  # questions in the full set, of which ``len(scores)`` were asked
 
 
-def evenly_spaced(items: Sequence, count: int | None) -> list:
-    """Return ``count`` items spread evenly over ``items`` (all of them for None): a fixed, reproducible subset."""
-    if count is None or count >= len(items):
-        return list(items)
-    return [items[(index * len(items)) // count] for index in range(count)]
-
-
 class _PrefixScorer:
     """Log-likelihoods of continuations after a shared preamble, whose key/value cache is computed once."""
 
@@ -623,7 +617,7 @@ def truthfulqa_mc(model: Any, tokenizer: Any, limit: int | None = None,
     the true answers, normalised over all answers. ``limit`` takes a fixed, evenly spaced subset.
     """
     from alpaca_nb.data import load_truthfulqa_mc
-    from alpaca_nb.evaluate import wilson_interval
+    from alpaca_nb.stats import wilson_interval
     from alpaca_nb.progress import progress_bar
 
     every = list(questions) if questions is not None else load_truthfulqa_mc()

@@ -21,9 +21,10 @@ from typing import Any, Iterator, Sequence
 
 from alpaca_nb.costs import BudgetExceeded, Ledger, count_tokens
 from alpaca_nb.data import DataError, PairwiseJudgement
-from alpaca_nb.evaluate import WinRate, wilson_interval, win_rate
 from alpaca_nb.llm import AuthenticationError, Endpoint, LLMError, ServerExitedError
 from alpaca_nb.progress import progress_bar
+from alpaca_nb.sft import instruction_text
+from alpaca_nb.stats import WinRate, evenly_spaced, wilson_interval, win_rate
 
 __all__ = [
     "Calibration",
@@ -269,8 +270,6 @@ def calibration_pairs(annotations: Sequence[PairwiseJudgement], count: int,
     ``max_characters`` bounds instruction plus both answers, so every prompt fits the embedded server's
     2,048-token slot; the chapter says so, because it leaves out AlpacaEval's longest answers.
     """
-    from alpaca_nb.hallucination import evenly_spaced
-
     usable = [a for a in annotations if a.preference in (1.0, 2.0)
               and len(a.instruction) + len(a.output_1) + len(a.output_2) <= max_characters]
     return evenly_spaced(usable, count)
@@ -279,8 +278,6 @@ def calibration_pairs(annotations: Sequence[PairwiseJudgement], count: int,
 def reply_pairs(reference: Sequence[Any], replies: Sequence[Any], reference_name: str,
                 system_name: str) -> list[PairwiseJudgement]:
     """Return AlpacaEval-format pairs: the reference answer as output_1, the system's reply as output_2."""
-    from alpaca_nb.evaluate import instruction_text
-
     return [PairwiseJudgement(instruction_text(answer.instruction, answer.input), answer.output, reply.output,
                               reference_name, system_name, None)
             for answer, reply in zip(reference, replies, strict=True)]

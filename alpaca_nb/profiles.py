@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
-__all__ = ["STAND_INS", "UNSET_MEANS", "Profile", "ProfileError", "current_profile", "environment_stand_ins",
+__all__ = ["STAND_INS", "UNSET_MEANS", "Profile", "ProfileError", "cache_dir", "current_profile", "environment_stand_ins",
            "load_profile", "profile_table", "smoke_mode"]
 
 PROFILE_NAMES = ("laptop", "cluster")
@@ -37,6 +37,12 @@ ENV_PREFIX = "ALPACA_NB_"
 
 class ProfileError(ValueError):
     """An unknown profile name or a malformed profiles file."""
+
+
+def cache_dir() -> Path:
+    """Return the user cache folder (``$ALPACA_NB_CACHE_DIR``, else ``~/.cache/alpaca_nb``): the profiles' runs and
+    the data's downloads. Here, below ``data``, which re-exports it."""
+    return Path(os.environ.get("ALPACA_NB_CACHE_DIR") or Path.home() / ".cache" / "alpaca_nb").expanduser()
 
 
 @dataclass(frozen=True)
@@ -85,8 +91,6 @@ class Profile:
 
     def run_dir(self, stage: str) -> Path:
         """Return the folder in the user cache where the chapters keep this profile's run of ``stage``."""
-        from alpaca_nb.data import cache_dir
-
         return cache_dir() / "runs" / (f"{self.name}-smoke" if self.smoke else self.name) / stage
 
     def model_label(self, setting: str) -> str:

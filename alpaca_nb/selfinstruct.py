@@ -17,7 +17,6 @@ import random
 import re
 import shutil
 import string
-import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,10 +44,8 @@ __all__ = [
     "FORMATS",
     "FormatConstraint",
     "Funnel",
-    "BookGeneration",
     "book_funnels",
     "copy_first_requests",
-    "book_main_run",
     "live_funnel",
     "GenerationReport",
     "ParsedBlocks",
@@ -58,7 +55,6 @@ __all__ = [
     "encode_chat_prompt",
     "encode_completion",
     "encode_prompt",
-    "ensure_book_generation",
     "filter_reason",
     "format_constraint",
     "funnel_table",
@@ -74,7 +70,6 @@ __all__ = [
     "read_generated",
     "read_requests",
     "request_tokens",
-    "run_book_generation",
     "open_teacher",
     "teacher_endpoint",
 ]
@@ -695,62 +690,10 @@ def book_funnels(profile: Any) -> list[Funnel]:
     ]
 
 
-def book_main_run(profile: Any) -> Path:
-    """Return the folder of chapter 2's live run, which chapters 3 and 4 read: the recipe's ``generate`` stage."""
-    from alpaca_nb.reproduce import recipe_dir
-
-    return recipe_dir(profile) / "generate"
-
-
 def live_funnel(profile: Any) -> Funnel:
     """Return the funnel the live run continues: the one of the profile's ``generate_format``."""
     folder = "upstream-t1" if profile.generate_format == "upstream" else "constrained"
     return next(funnel for funnel in book_funnels(profile) if funnel.folder == folder)
-
-
-@dataclass(frozen=True)
-class BookGeneration:
-    """Chapter 2's runs: every funnel's folder (all on the same first prompts), the live run, and the wall time
-    of each phase."""
-
-    funnels: dict[str, Path]  # funnel name -> folder
-    live_run: Path
-    live_seconds: float  # the live run alone, from the first request to the target
-    compare_seconds: float  # the other funnels, on the live run's first prompts
-
-
-def run_book_generation(profile: Any) -> BookGeneration:
-    """Run chapter 2 afresh: the live run (the recipe's ``generate`` stage, the profile's funnel) to
-    ``generate_instructions`` kept or ``generate_max_requests``, then every other funnel for
-    ``generate_compare_requests`` requests on the same prompts. The live funnel's column is the live run's first
-    requests (prompts depend only on the request number, so nothing is asked twice), continued in that column's
-    own folder when the live run reached its target sooner.
-    """
-    from alpaca_nb.reproduce import ensure_stage, remove_stage_folder
-
-    root = profile.run_dir("self-instruct")
-    shutil.rmtree(root, ignore_errors=True)  # every build measures afresh: chapter 2's own comparison runs ...
-    remove_stage_folder(book_main_run(profile))  # ... and the recipe's generate stage (refused if not a stage folder)
-    live = live_funnel(profile)
-    started = time.perf_counter()
-    ensure_stage(profile, "generate")
-    live_seconds = time.perf_counter() - started
-    copy_first_requests(book_main_run(profile), root / live.folder, profile.generate_compare_requests)
-    funnels = book_funnels(profile)
-
-    def compare(funnel: Funnel, teacher: Endpoint) -> None:
-        generate(teacher, 10**9, root / funnel.folder, budget_usd=profile.generate_budget_usd,
-                 concurrency=profile.generate_concurrency, sampling=funnel.sampling, constraint=funnel.constraint,
-                 max_requests=profile.generate_compare_requests, progress=False)
-
-    # The funnels run side by side, sharing the server's slots; each has its own folder, ledger and hook. The
-    # live funnel's column asks only what its copy lacks.
-    started = time.perf_counter()
-    with teacher_endpoint(profile) as teacher, concurrent.futures.ThreadPoolExecutor(len(funnels)) as pool:
-        for done in [pool.submit(compare, funnel, teacher.copy()) for funnel in funnels]:
-            done.result()
-    return BookGeneration({funnel.name: root / funnel.folder for funnel in funnels}, book_main_run(profile),
-                          live_seconds, time.perf_counter() - started)
 
 
 def copy_first_requests(run: str | os.PathLike, out_dir: str | os.PathLike, requests: int) -> Path:
@@ -768,18 +711,6 @@ def copy_first_requests(run: str | os.PathLike, out_dir: str | os.PathLike, requ
         append_records(out / "ledger.jsonl", [line for _, line in read_records(source / "ledger.jsonl")
                                               if line.get("request_id") in request_ids])
     return out
-
-
-def ensure_book_generation(profile: Any) -> Path:
-    """Return chapter 2's live-run folder, running chapter 2's generation first if the live run is not complete
-    or a funnel's run is not there (chapter 3 executed on its own)."""
-    from alpaca_nb.reproduce import MANIFEST
-
-    funnel_folders = [profile.run_dir("self-instruct") / funnel.folder for funnel in book_funnels(profile)]
-    if not ((book_main_run(profile) / MANIFEST).is_file()
-            and all((folder / "requests.jsonl").is_file() for folder in funnel_folders)):
-        return run_book_generation(profile).live_run
-    return book_main_run(profile)
 
 
 # --------------------------------------------------------------------------- inspection (chapter 2)

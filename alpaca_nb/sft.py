@@ -29,7 +29,7 @@ from alpaca_nb.progress import progress_bar
 
 __all__ = [
     "DataMix", "IGNORE_INDEX", "PROMPT_INPUT", "PROMPT_NO_INPUT", "SFTReport", "build_dataset", "ensure_pad_token",
-    "export_stanford_json", "format_example", "format_prompt", "import_stanford_json", "mix_records",
+    "export_stanford_json", "format_example", "format_prompt", "import_stanford_json", "instruction_text", "mix_records",
     "repeats_itself", "token_label_rows", "tokenize_example",
 ]
 
@@ -52,6 +52,11 @@ def format_prompt(instruction: str, input: str = "") -> str:  # noqa: A002 - the
     if input != "":
         return PROMPT_INPUT.format_map({"instruction": instruction, "input": input})
     return PROMPT_NO_INPUT.format_map({"instruction": instruction})
+
+
+def instruction_text(instruction: str, input: str) -> str:  # noqa: A002 - the upstream field name
+    """Return an instruction as one message: the instruction, then its input (if any) after a blank line."""
+    return f"{instruction}\n\n{input}" if input.strip() else instruction
 
 
 def format_example(record: object, eos_token: str) -> tuple[str, str]:

@@ -198,14 +198,6 @@ def book_training_data(profile, generated: Sequence[Any], folder: str | os.PathL
     return BookData(mix, held_out, path)
 
 
-def book_fine_tune_dir(profile) -> Path:
-    """Return the run folder of chapter 4's fine-tune (the recipe's ``fine_tune`` stage), whose final model
-    chapters 5 and 6 use."""
-    from alpaca_nb.reproduce import recipe_dir
-
-    return recipe_dir(profile) / "fine_tune" / "run"
-
-
 def read_book_data(folder: str | os.PathLike) -> BookData:
     """Return the data ``book_training_data`` wrote to ``folder`` (the recipe's ``sft_data`` stage)."""
     from alpaca_nb.data import DataError
@@ -221,32 +213,6 @@ def read_book_data(folder: str | os.PathLike) -> BookData:
                                 mix["empty_outputs"], mix["looping_outputs"]), tuple(records[mixed:]), path)
     except (OSError, json.JSONDecodeError, KeyError) as error:
         raise DataError(f"{folder}: not a finished training-data folder ({type(error).__name__}: {error})") from None
-
-
-@dataclass(frozen=True)
-class BookFineTune:
-    data: BookData
-    config: TrainConfig
-    result: TrainResult
-
-
-def run_book_fine_tune(profile) -> BookFineTune:
-    """Return chapter 4's fine-tune: the recipe's ``sft_data`` and ``fine_tune`` stages in the profile's recipe
-    folder (chapter 2's kept records topped up with real ones), each run unless it is complete for its inputs."""
-    from alpaca_nb.reproduce import ensure_stage, recipe_dir
-
-    ensure_stage(profile, "fine_tune")
-    data = read_book_data(recipe_dir(profile) / "sft_data")
-    config = profile_config(profile, str(book_fine_tune_dir(profile)), data)
-    return BookFineTune(data, config, load_result(config.output_dir))
-
-
-def ensure_book_fine_tune(profile) -> Path:
-    """Return chapter 4's fine-tuned model folder, running the recipe's stages up to the fine-tune if needed."""
-    from alpaca_nb.reproduce import ensure_stage
-
-    ensure_stage(profile, "fine_tune")
-    return book_fine_tune_dir(profile) / FINAL_DIR
 
 
 def profile_config(profile, output_dir: str, data: BookData | None = None) -> TrainConfig:

@@ -171,7 +171,8 @@ def test_the_chapters_took_the_cluster_branches(rehearsal):
     from alpaca_nb.profiles import current_profile
     from alpaca_nb.reproduce import recipe_dir
     from alpaca_nb.selfinstruct import read_requests
-    from alpaca_nb.train import book_fine_tune_dir, load_result
+    from alpaca_nb.chapter_runs import book_fine_tune_dir
+    from alpaca_nb.train import load_result
 
     profile = current_profile()
     recipe = recipe_dir(profile)

@@ -278,7 +278,8 @@ def test_load_run_and_funnel_table_count_what_the_files_hold(tmp_path):
 
 def test_book_funnels_change_one_thing_at_a_time_and_chapter_3_reads_the_live_run():
     from alpaca_nb.profiles import load_profile
-    from alpaca_nb.selfinstruct import book_funnels, book_main_run, live_funnel
+    from alpaca_nb.chapter_runs import book_main_run
+    from alpaca_nb.selfinstruct import book_funnels, live_funnel
 
     laptop = load_profile("laptop")
     as_alpaca, cooler, constrained = book_funnels(laptop)
@@ -302,7 +303,7 @@ def test_plot_funnels_labels_every_bar_with_its_count(tmp_path):
 
 
 def test_ensure_book_generation_reads_an_existing_live_run_without_starting_a_teacher(tmp_path, monkeypatch):
-    from alpaca_nb import selfinstruct
+    from alpaca_nb import chapter_runs, selfinstruct
     from alpaca_nb.profiles import load_profile
     from alpaca_nb.reproduce import MANIFEST
 
@@ -314,26 +315,26 @@ def test_ensure_book_generation_reads_an_existing_live_run_without_starting_a_te
         write_run(folder, [{"request": 0, "finish_reason": "stop", "completion_tokens": 1, "completion": "",
                             "counters": {"blocks": 1}}], [])
     monkeypatch.setattr(selfinstruct, "teacher_endpoint", None)  # calling it would fail the test
-    monkeypatch.setattr(selfinstruct, "run_book_generation", None)
+    monkeypatch.setattr(chapter_runs, "run_book_generation", None)
     (live / MANIFEST).write_text("{}")  # the live run finished (its stage's manifest is written last)
-    assert selfinstruct.ensure_book_generation(laptop) == live
+    assert chapter_runs.ensure_book_generation(laptop) == live
 
 
 def test_ensure_book_generation_reruns_chapter_2_when_a_funnel_is_missing(tmp_path, monkeypatch):
-    from alpaca_nb import selfinstruct
+    from alpaca_nb import chapter_runs
     from alpaca_nb.profiles import load_profile
 
     from alpaca_nb.reproduce import MANIFEST
 
     monkeypatch.setenv("ALPACA_NB_CACHE_DIR", str(tmp_path))
     laptop = load_profile("laptop")
-    write_run(selfinstruct.book_main_run(laptop), [{"request": 0, "finish_reason": "stop", "completion_tokens": 1,
+    write_run(chapter_runs.book_main_run(laptop), [{"request": 0, "finish_reason": "stop", "completion_tokens": 1,
                                                     "completion": "", "counters": {"blocks": 1}}], [])
-    (selfinstruct.book_main_run(laptop) / MANIFEST).write_text("{}")
+    (chapter_runs.book_main_run(laptop) / MANIFEST).write_text("{}")
     runs = []
-    monkeypatch.setattr(selfinstruct, "run_book_generation",
+    monkeypatch.setattr(chapter_runs, "run_book_generation",
                         lambda profile: runs.append(profile) or SimpleNamespace(live_run="rerun"))
-    assert selfinstruct.ensure_book_generation(laptop) == "rerun" and runs == [laptop]
+    assert chapter_runs.ensure_book_generation(laptop) == "rerun" and runs == [laptop]
 
 
 def test_copy_first_requests_keeps_only_what_the_first_prompts_produced(tmp_path):
@@ -418,7 +419,7 @@ def test_chapter_2_runs_the_live_run_first_and_the_other_funnels_on_its_first_pr
 
     from alpaca_nb.reproduce import MANIFEST, read_manifest
 
-    from alpaca_nb import selfinstruct
+    from alpaca_nb import chapter_runs, selfinstruct
     from alpaca_nb.profiles import load_profile
 
     monkeypatch.setenv("ALPACA_NB_CACHE_DIR", str(tmp_path))
@@ -443,11 +444,11 @@ def test_chapter_2_runs_the_live_run_first_and_the_other_funnels_on_its_first_pr
 
     monkeypatch.setattr(selfinstruct, "generate", recording_generate)
     monkeypatch.setattr(selfinstruct, "teacher_endpoint", started_teacher)
-    generation = selfinstruct.run_book_generation(profile)
+    generation = chapter_runs.run_book_generation(profile)
     assert calls[0] == ("generate", 1, profile.generate_max_requests)
     assert sorted(calls[1:]) == [("constrained", 10**9, 3), ("upstream-cooler", 10**9, 3), ("upstream-t1", 10**9, 3)]
     columns = {folder.name: selfinstruct.load_run(folder).requests for folder in generation.funnels.values()}
     assert columns == {"upstream-t1": 3, "upstream-cooler": 3, "constrained": 3}
-    assert generation.live_run == selfinstruct.book_main_run(profile) and selfinstruct.load_run(generation.live_run).requests == 1
+    assert generation.live_run == chapter_runs.book_main_run(profile) and selfinstruct.load_run(generation.live_run).requests == 1
     assert read_manifest(generation.live_run).stage == "generate" and (generation.live_run / MANIFEST).is_file()
     assert generation.live_seconds >= 0 and generation.compare_seconds >= 0

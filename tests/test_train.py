@@ -184,7 +184,7 @@ def test_chapters_share_the_recipes_fine_tune_stage(tmp_path, monkeypatch):
     test_reproduce) and read the model from the stage's folder."""
     import alpaca_nb.reproduce as reproduce_module
     from alpaca_nb.profiles import load_profile
-    from alpaca_nb.train import book_fine_tune_dir, ensure_book_fine_tune
+    from alpaca_nb.chapter_runs import book_fine_tune_dir, ensure_book_fine_tune
 
     monkeypatch.setenv("ALPACA_NB_CACHE_DIR", str(tmp_path))
     profile = load_profile("laptop", smoke=True)
