@@ -17,52 +17,33 @@ carries that marker (or ``stage.json``): a folder of the user's under ``--out`` 
 removed. Human work (chapter 5's votes, the demo's flags) lives outside stage folders. A stage runs under
 ``--out/.<stage>.lock``: a second process running the same stage waits for the first, then skips what it did.
 Wall time is summed over every run of a stage (``stage-segments.jsonl``; a run that was killed counts up to
-its last file write).
-
-The report card (``report.json``, ``report.md``, ``report.html``). ``report.json`` is versioned by ``schema``
-(``REPORT_SCHEMA``; a change of meaning bumps it):
-
-- ``schema``, ``created``, ``profile``, ``smoke``, ``stand_ins`` (the profile settings that the stand-in overlay,
-  ``ALPACA_NB_<SETTING>`` variables, replaced, and their values; empty when none), ``environment`` (python,
-  platform, CPU, GPU, package versions, git commit);
-- ``stages``: per stage ``status`` ("complete", or "new", "interrupted", "changed" when its inputs or settings
-  changed since it ran, "waiting" for an earlier stage: those carry nothing else; or "stopped", with
-  ``stop_reason``, ``done`` of ``of`` ``unit``, ``wall_seconds``, ``tokens``, ``usd``, ``note``); a complete one
-  ``wall_seconds`` (every run of the stage), ``tokens``, ``usd`` (spent), ``usd_paper_rates`` (the same work priced
-  at the paper's 2023 rates: text-davinci-003's tokens; the fine-tune's FLOPs on A100s at 40 % MFU at
-  prices.toml's rate), ``note``, ``provenance`` (the stage's ``stage.json``);
-- ``metrics``: a list of ``{key, label, unit, ours, interval, paper, paper_source}``; ``unit`` is one of
-  ``UNITS`` (a share is a fraction of 1), ``ours`` a number or None (not measured in this run), ``interval`` a
-  95 % ``[low, high]`` or None, ``paper`` the release's figure as text or None where it gives none;
-- ``generation_funnel`` (generated blocks -> kept) and ``loss_curve`` (``[step, loss]``), the report's figures.
+its last file write). The stage folders' records are ``stage_folders``'; the report card is built by
+``report_card`` and rendered by ``report_pages`` (both re-exported here).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
-import hashlib
-import io
 import json
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from alpaca_nb import __version__
-from alpaca_nb.claims import SOURCE_URL
-from alpaca_nb.data import DataError
-from alpaca_nb.jsonl import append_records, read_records, write_text_atomically
-
-if TYPE_CHECKING:
-    import pandas as pd
+from alpaca_nb.jsonl import write_text_atomically
+from alpaca_nb.report_card import REPORT_SCHEMA, UNITS, WATERMARK_FILE, environment, read_report, report_from_stages
+from alpaca_nb.report_pages import (
+    REPORT_FIGURES, environment_lines, format_value, metrics_frame, report_figure, report_figures, report_html,
+    report_markdown, stages_frame, write_report,
+)
+from alpaca_nb.stage_folders import (
+    MANIFEST, MANIFEST_SCHEMA, SEGMENTS, STARTED, STOPPED, Provenance, StageError, StageStop, StageStopped,
+    _begin_segment, _claim_fresh_folder, _end_segment, _fingerprint, file_sha256, read_manifest, read_stop,
+    remove_stage_folder, stage_status,
+)
 
 __all__ = [
     "EVALUATED_SYSTEM", "MANIFEST", "REPORT_FIGURES", "REPORT_SCHEMA", "STAGES", "UNITS", "Provenance", "StageError",
@@ -73,134 +54,8 @@ __all__ = [
 ]
 
 STAGES = ("generate", "sft_data", "fine_tune", "evaluate", "watermark")
-MANIFEST = "stage.json"
-STARTED = "stage-started.json"  # the fingerprint a stage began with: an interrupted one resumes only if it matches
-STOPPED = "stage-stopped.json"  # a stage whose work stopped early: why, and how much was done (StageStop)
-SEGMENTS = "stage-segments.jsonl"  # one line when each run of the stage begins, one when it ends: the wall time
-MANIFEST_SCHEMA = 1
-REPORT_SCHEMA = 2  # 2: a stage may be "stopped", with its reason and count
 PAPER_MODEL = "text-davinci-003"  # the paper's generation model: tokens are priced at its 2023 rate
 EVALUATED_SYSTEM = "after the fine-tune (Alpaca template)"  # the evaluate stage's system: chapter 5 reads it by name
-WATERMARK_FILE = "watermark.json"  # the detection table the report reads; experiment.json holds every measurement
-
-
-class StageError(DataError):
-    """A stage folder that is incomplete, from another version, not ours, or whose earlier stage has not run."""
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """What a finished stage was made from and what it cost: its folder's ``stage.json``."""
-
-    stage: str
-    fingerprint: str  # sha256 of inputs and settings: a change reruns the stage
-    inputs: dict[str, str]  # input file -> sha256
-    settings: dict[str, Any]
-    profile: str
-    package_version: str
-    schema: int
-    finished_at: str
-    wall_seconds: float
-    tokens: int | None = None
-    usd: float = 0.0
-    usd_paper_rates: float | None = None
-    note: str = ""
-    measures: dict[str, float] = field(default_factory=dict)  # figures only the stage could take (e.g. tokens/s)
-
-
-@dataclass(frozen=True)
-class StageStop:
-    """A stage whose work stopped early (the budget, a refused key, a dead server, failures in a row): its
-    folder's ``stage-stopped.json``. Not complete: the next run resumes it, and the report says how far it got."""
-
-    stage: str
-    fingerprint: str
-    reason: str  # as the stage's loop gave it ("stopped: ...")
-    done: int | None  # how much of the stage's work was done, of how much, counted in ``unit``
-    of: int | None
-    unit: str
-    stopped_at: str
-    wall_seconds: float
-    tokens: int | None = None
-    usd: float = 0.0
-    note: str = ""
-
-    def summary(self) -> str:
-        """Return the reason and the count done, as the report and the error print them."""
-        return self.reason + (f", {self.done:,} of {self.of:,} {self.unit}" if self.done is not None else "")
-
-
-class StageStopped(StageError):
-    """Raised (after the report card is written) when a stage's work stopped early: rerun to resume it."""
-
-    def __init__(self, stop: StageStop, folder: Path):
-        self.stop = stop
-        super().__init__(f"{folder}: the {stop.stage} stage {stop.summary()}. What it did is kept, and it is not "
-                         "recorded as complete: run again to resume it")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Return the sha256 of a file, or of a folder's files (names and contents, in sorted order)."""
-    digest = hashlib.sha256()
-    path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for item in files:
-        digest.update(str(item.relative_to(path) if path.is_dir() else item.name).encode())
-        with open(item, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fingerprint(inputs: dict[str, str], settings: dict[str, Any]) -> str:
-    payload = json.dumps({"inputs": inputs, "settings": settings, "schema": MANIFEST_SCHEMA, "version": __version__},
-                         sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def read_manifest(folder: str | os.PathLike) -> Provenance:
-    """Return a finished stage's provenance; StageError when the folder is incomplete or from another version."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise StageError(f"{folder}: incomplete: no {MANIFEST} (the stage was interrupted, or has not run)")
-    try:
-        provenance = Provenance(**json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError) as error:
-        raise StageError(f"{path}: not a stage manifest of this version ({error})") from None
-    if provenance.schema != MANIFEST_SCHEMA or provenance.package_version != __version__:
-        raise StageError(f"{path}: written by alpaca_nb {provenance.package_version} (manifest schema "
-                         f"{provenance.schema}); this is {__version__} (schema {MANIFEST_SCHEMA}): run the stage again")
-    return provenance
-
-
-def read_stop(folder: str | os.PathLike) -> StageStop | None:
-    """Return why the stage in ``folder`` stopped early and how far it got, or None if it did not stop."""
-    path = Path(folder) / STOPPED
-    if not path.is_file():
-        return None
-    try:
-        return StageStop(**json.loads(path.read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, TypeError) as error:
-        raise StageError(f"{path}: not a stage-stopped record of this version ({error}); delete it to resume") from None
-
-
-def stage_status(folder: str | os.PathLike, fingerprint: str) -> str:
-    """Return "complete" (finished with this fingerprint), "changed" (finished with other inputs or by another
-    version), "stopped" (its work stopped early with this fingerprint: resumable), "interrupted" (started with
-    this fingerprint, not finished: resumable) or "new"."""
-    folder = Path(folder)
-    if (folder / MANIFEST).is_file():
-        try:
-            return "complete" if read_manifest(folder).fingerprint == fingerprint else "changed"
-        except StageError:
-            return "changed"
-    stop = read_stop(folder)
-    if stop is not None and stop.fingerprint == fingerprint:
-        return "stopped"
-    started = folder / STARTED
-    if started.is_file() and json.loads(started.read_text(encoding="utf-8")).get("fingerprint") == fingerprint:
-        return "interrupted"
-    return "new"
 
 
 # --------------------------------------------------------------------------- the stages
@@ -449,34 +304,6 @@ def _status(stage: str, run: _Run) -> tuple[str, dict[str, str], dict[str, Any],
     return run.statuses[stage]
 
 
-def _is_ours(folder: Path) -> bool:
-    """Return True when ``folder`` is a stage folder this package made (its marker, written before any work, or
-    its manifest is there) or holds nothing."""
-    return (folder / STARTED).is_file() or (folder / MANIFEST).is_file() or not any(folder.iterdir())
-
-
-def remove_stage_folder(folder: str | os.PathLike) -> None:
-    """Delete a stage folder this package made, for a fresh run; StageError naming it, with nothing deleted, when
-    it is not one (a folder of the user's that happens to sit where a stage goes)."""
-    folder = Path(folder)
-    if not folder.exists():
-        return
-    if not folder.is_dir() or not _is_ours(folder):
-        raise StageError(f"{folder}: in the way of the {folder.name} stage, and not a stage folder (no {STARTED} or "
-                         f"{MANIFEST} in it): nothing was deleted; move it away or choose another --out")
-    shutil.rmtree(folder)
-
-
-def _claim_fresh_folder(folder: Path, fingerprint: str) -> None:
-    """Replace ``folder`` (if ours) by an empty stage folder that carries its marker from the first moment: it is
-    made under a temporary name, marked, then renamed into place."""
-    remove_stage_folder(folder)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-starting-", dir=folder.parent))
-    staging.chmod(0o755)
-    write_text_atomically(staging / STARTED, json.dumps({"fingerprint": fingerprint}) + "\n")
-    staging.rename(folder)
-
-
 @contextlib.contextmanager
 def _stage_lock(run: _Run, stage: str) -> Iterator[bool]:
     """Hold ``out/.<stage>.lock`` while the stage runs; yield whether another process held it first (and this
@@ -495,35 +322,6 @@ def _stage_lock(run: _Run, stage: str) -> Iterator[bool]:
             yield waited
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _segments(folder: Path) -> list[dict[str, float]]:
-    records = []
-    for number, record in read_records(folder / SEGMENTS):
-        if not isinstance(record.get("started"), (int, float)) or not isinstance(record.get("ended", 0), (int, float)):
-            raise StageError(f"{folder / SEGMENTS}, line {number}: not a segment record (started, ended)")
-        records.append(record)
-    return records
-
-
-def _begin_segment(folder: Path) -> float:
-    """Record that a run of the stage begins (and return when). A run that a kill ended never recorded its end:
-    it is closed first, at the last write it made in the folder."""
-    records = _segments(folder)
-    ended = {record["started"] for record in records if "ended" in record}
-    killed = [record["started"] for record in records if record["started"] not in ended]
-    last_write = max((item.stat().st_mtime for item in folder.rglob("*") if item.is_file()), default=0.0)
-    append_records(folder / SEGMENTS, [{"started": started, "ended": max(started, last_write), "killed": True}
-                                       for started in killed])
-    now = time.time()
-    append_records(folder / SEGMENTS, [{"started": now}])
-    return now
-
-
-def _end_segment(folder: Path, started: float) -> float:
-    """Record that the run begun at ``started`` ends; return the stage's wall seconds over all its runs."""
-    append_records(folder / SEGMENTS, [{"started": started, "ended": time.time()}])
-    return round(sum(record["ended"] - record["started"] for record in _segments(folder) if "ended" in record), 1)
 
 
 def _run_stage(stage: str, run: _Run) -> Provenance:
@@ -615,6 +413,14 @@ def ensure_stage(profile: Any, stage: str, *, log: Callable[[str], None] | None 
     return recipe_dir(profile) / stage
 
 
+def build_report(out: str | os.PathLike, profile: Any) -> dict[str, Any]:
+    """Return the report card of ``out``: a stage counts only when it is complete for the current inputs and
+    settings; any other is reported with its status (new, interrupted, changed, waiting) and no figures, and a
+    stopped one with its reason, the count it did, its time and dollars, but none of its figures."""
+    run = _Run(profile, Path(out), None)
+    return report_from_stages(out, profile, {stage: _status(stage, run)[0] for stage in STAGES})
+
+
 def reproduce(profile: Any, out: str | os.PathLike, *, budget_usd: float | None = None,
               stages: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the recipe's stages into ``out`` (skipping finished ones, resuming interrupted or stopped ones), then
@@ -631,348 +437,3 @@ def reproduce(profile: Any, out: str | os.PathLike, *, budget_usd: float | None 
     write_report(report, out)
     log(f"report card: {Path(out) / 'report.md'} and report.html")
     return report
-
-
-# --------------------------------------------------------------------------- the report card
-
-
-def environment(profile_name: str) -> dict[str, Any]:
-    """Return what the report records about the machine: python, platform, CPU, GPU, packages, git commit."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    packages = {}
-    for name in ("alpaca-nb", "torch", "transformers", "accelerate", "peft", "openai", "datasets"):
-        try:
-            packages[name] = version(name)
-        except PackageNotFoundError:
-            packages[name] = None
-    return {"python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_name(),
-            "cpu_count": os.cpu_count(), "gpu": _gpu_name(), "packages": packages, "git_commit": _git_commit(),
-            "profile": profile_name}
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _gpu_name() -> str | None:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-
-
-def _git_commit() -> str | None:
-    here = Path(__file__).resolve().parent
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        done = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if done.returncode == 0:
-            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            return done.stdout.strip() + ("-dirty" if dirty else "")
-    return None
-
-
-UNITS = ("count", "share", "loss", "usd", "hours", "tokens/s")
-
-
-def _metric(key: str, label: str, unit: str, ours: float | None, paper: str | None = None,
-            interval: Sequence[float] | None = None, source: str | None = None,
-            withheld: str | None = None) -> dict[str, Any]:
-    """Return one metric of the report; ``withheld`` says why ``ours`` is None although it was measured."""
-    assert unit in UNITS, unit
-    return {"key": key, "label": label, "unit": unit, "ours": ours,
-            "interval": list(interval) if interval is not None else None,
-            "paper": paper, "paper_source": (source or SOURCE_URL) if paper else None, "withheld": withheld}
-
-
-def build_report(out: str | os.PathLike, profile: Any) -> dict[str, Any]:
-    """Return the report card of ``out``: a stage counts only when it is complete for the current inputs and
-    settings; any other is reported with its status (new, interrupted, changed, waiting) and no figures, and a
-    stopped one with its reason, the count it did, its time and dollars, but none of its figures."""
-    from alpaca_nb.claims import PAPER_FINETUNE_HOURS, PAPER_FINETUNE_USD, PAPER_GENERATION_USD, PAPER_INSTRUCTIONS
-
-    out = Path(out)
-    run = _Run(profile, out, None)
-    statuses = {stage: _status(stage, run)[0] for stage in STAGES}
-    done = {stage: read_manifest(out / stage) if status == "complete" else None for stage, status in statuses.items()}
-    metrics: list[dict[str, Any]] = []
-    report: dict[str, Any] = {
-        "schema": REPORT_SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "profile": profile.name, "smoke": bool(profile.smoke),
-        "stand_ins": {key: getattr(profile, key) for key in getattr(profile, "stand_ins", ())},
-        "environment": environment(profile.name),
-        "stages": {stage: _stage_entry(statuses[stage], p, out / stage) for stage, p in done.items()},
-        "metrics": metrics, "generation_funnel": None, "loss_curve": None,
-    }
-    if done["generate"]:
-        from alpaca_nb.selfinstruct import load_run
-
-        generation = load_run(out / "generate")
-        report["generation_funnel"] = generation.funnel()
-        metrics += [
-            _metric("kept_instructions", "kept instructions", "count", generation.kept, f"{PAPER_INSTRUCTIONS:,} (\"52K\")"),
-            _metric("keep_rate", "keep rate (kept / generated blocks)", "share", generation.keep_rate),
-            _metric("generation_usd_paper_rates", "generation dollars at text-davinci-003's 2023 rate", "usd",
-                    done["generate"].usd_paper_rates, f"< ${PAPER_GENERATION_USD:,.0f} for 52K"),
-        ]
-    if done["fine_tune"]:
-        from alpaca_nb.train import load_result
-
-        result = load_result(out / "fine_tune" / "run")
-        report["loss_curve"] = [list(point) for point in result.loss_curve]
-        # The stage measured its rate on the steps its last run trained: after a resume, global_step counts the
-        # earlier runs' steps too, and elapsed_seconds only the last run's time.
-        tokens_per_second = done["fine_tune"].measures.get("training_tokens_per_second")
-        metrics += [
-            _metric("held_out_loss_before", "held-out loss before the fine-tune", "loss", result.eval_loss_before),
-            _metric("held_out_loss_after", "held-out loss after the fine-tune", "loss", result.eval_loss_after),
-            _metric("finetune_hours", "fine-tune wall hours (every run of the stage, loading and held-out loss "
-                    "included)", "hours", done["fine_tune"].wall_seconds / 3600,
-                    f"{PAPER_FINETUNE_HOURS:g} h on 8 A100s (LLaMA-7B, 52K)"),
-            _metric("finetune_usd_paper_rates", "fine-tune dollars, this run's FLOPs on A100s at 40 % MFU", "usd",
-                    done["fine_tune"].usd_paper_rates, f"< ${PAPER_FINETUNE_USD:,.0f}"),
-            _metric("training_tokens_per_second", "effective training tokens per second (the stage's last run)",
-                    "tokens/s", tokens_per_second),
-        ]
-        measures = done["fine_tune"].measures
-        if "predicted_train_seconds" in measures:  # stages finished before the prediction existed lack it
-            metrics += [
-                _metric("train_hours_predicted", f"training hours predicted (the stage's last run): its FLOPs at "
-                        f"{measures['assumed_mfu']:.0%} MFU of {measures['peak_tflops']:.3g} TFLOP/s peak", "hours",
-                        measures["predicted_train_seconds"] / 3600),
-                _metric("train_hours", "training hours taken (the same run; loading and held-out loss excluded)",
-                        "hours", measures["train_seconds"] / 3600),
-                _metric("train_mfu", "model-FLOPs utilisation the run reached", "share", measures["achieved_mfu"]),
-            ]
-    if done["evaluate"]:
-        metrics += _evaluation_metrics(out / "evaluate")
-    if done["watermark"]:
-        watermark = json.loads((out / "watermark" / WATERMARK_FILE).read_text(encoding="utf-8"))
-        longest = max(watermark["by_length"], key=int)
-        row = watermark["by_length"][longest]
-        metrics += [
-            _metric("watermark_detection", f"watermark detected at {longest} tokens (z > {watermark['threshold_z']:g})",
-                    "share", row["detected (true positives)"], "the demo watermarked outputs (Kirchenbauer et al., 2023); "
-                    "no rate given"),
-            _metric("watermark_false_positives", f"plain texts flagged at {longest} tokens", "share", row["false positives"]),
-        ]
-    return report
-
-
-def _stage_entry(status: str, provenance: Provenance | None, folder: Path) -> dict[str, Any]:
-    """Return one stage's entry in ``report.json``'s ``stages``."""
-    if provenance is not None:
-        p = provenance
-        return {"status": "complete", "wall_seconds": p.wall_seconds, "tokens": p.tokens, "usd": p.usd,
-                "usd_paper_rates": p.usd_paper_rates, "note": p.note, "provenance": asdict(p)}
-    stop = read_stop(folder) if status == "stopped" else None
-    if stop is None:
-        return {"status": status}
-    return {"status": "stopped", "stop_reason": stop.reason, "done": stop.done, "of": stop.of, "unit": stop.unit,
-            "wall_seconds": stop.wall_seconds, "tokens": stop.tokens, "usd": stop.usd, "note": stop.note}
-
-
-def _evaluation_metrics(folder: Path) -> list[dict[str, Any]]:
-    from alpaca_nb.evaluate import read_evaluation, win_rate
-
-    results = read_evaluation(folder)
-    paper = win_rate(90, 89)
-    h = results.hallucination
-    metrics = [_metric("hallucination_rate", f"wrong answers of {h['answered']} answered ({h['probes']} factual probes; "
-                       f"{h['cut']} cut before answering, {h['abstained']} abstained)", "share", h["rate"],
-                       "hallucinates (Dar es Salaam named as Tanzania's capital); no rate given", h["ci"])]
-    metrics += _judge_metrics(results.judge or {}, paper)
-    if results.truthfulqa:
-        t = results.truthfulqa
-        metrics += [_metric("truthfulqa_mc1", f"TruthfulQA MC1 ({t['questions']} of {t['of']})", "share", t["mc1"]),
-                    _metric("truthfulqa_mc2", f"TruthfulQA MC2 ({t['questions']} of {t['of']})", "share", t["mc2"])]
-    return metrics
-
-
-def _judge_metrics(judge: dict[str, Any], paper: Any) -> list[dict[str, Any]]:
-    """Return the judge's agreement with GPT-4, then its win rate, withheld when the agreement is too low."""
-    from alpaca_nb.judge import Calibration, judge_usability
-
-    metrics = []
-    calibration = Calibration(**judge["calibration"]) if "calibration" in judge else None
-    if calibration is not None:
-        metrics.append(_metric("judge_agreement", f"judge agrees with GPT-4 on {calibration.pairs} AlpacaEval pairs",
-                               "share", calibration.agreement, None, calibration.agreement_ci))
-    if "win_rate" in judge:
-        w, usability = judge["win_rate"], judge_usability(calibration)
-        metrics.append(_metric("win_rate", f"win rate against text-davinci-003 ({judge['judge']} as judge)", "share",
-                               w["rate"] if usability.usable else None,
-                               f"{paper.rate:.1%} (90 wins vs 89, blind human raters)",
-                               [w["ci_low"], w["ci_high"]] if usability.usable else None,
-                               withheld=None if usability.usable else f"judge {usability.reason}"))
-    return metrics
-
-
-def read_report(out: str | os.PathLike) -> dict[str, Any]:
-    """Return ``out/report.json``; StageError when it is missing or of another schema."""
-    path = Path(out) / "report.json"
-    if not path.is_file():
-        raise StageError(f"{path}: no report card: run `alpaca-nb reproduce --out {out}`")
-    report = json.loads(path.read_text(encoding="utf-8"))
-    if report.get("schema") != REPORT_SCHEMA:
-        raise StageError(f"{path}: report schema {report.get('schema')}, this version reads {REPORT_SCHEMA}")
-    return report
-
-
-def format_value(value: float | None, unit: str) -> str:
-    """Return a metric's value as the report prints it, by its unit."""
-    if value is None:
-        return "not measured"
-    return {"count": f"{value:,.0f}", "share": f"{value:.1%}", "loss": f"{value:.3f}", "usd": f"${value:,.2f}" if value >= 0.01 or value == 0 else f"${value:.2g}",
-            "hours": f"{value:.3f} h", "tokens/s": f"{value:,.0f}"}[unit]
-
-
-_STATUS_WORDS = {"new": "not run", "interrupted": "interrupted (rerun to resume)",
-                 "changed": "out of date (its inputs changed)", "waiting": "waiting for an earlier stage"}
-
-
-def _status_words(info: dict[str, Any]) -> str:
-    """Return a stage's status as the report prints it; a stopped one with its reason and the count done."""
-    if info["status"] == "stopped":
-        count = "" if info["done"] is None else f", {info['done']:,} of {info['of']:,} {info['unit']}"
-        return f"{info['stop_reason']}{count} (rerun to resume)"
-    return _STATUS_WORDS.get(info["status"], info["status"])
-
-
-def report_markdown(report: dict[str, Any]) -> str:
-    """Return the report card as Markdown: stages (time, tokens, dollars), metrics beside the paper, environment."""
-    kind = "smoke-size " if report["smoke"] else ""
-    stand_ins = report.get("stand_ins") or {}
-    overlaid = f" with stand-ins for {', '.join(stand_ins)}" if stand_ins else ""
-    lines = [f"# Alpaca reproduced: report card ({report['profile']} profile{overlaid}, {kind}run)", "",
-             f"Written {report['created']}. The paper's figures are the release's ({SOURCE_URL}); ours come from "
-             "this run" + (" of the embedded 135M model, offline: not comparable in size to LLaMA-7B" if
-                           report["profile"] == "laptop" else "") + ".", "",
-             *([f"Stand-ins (set by ALPACA_NB_<SETTING> variables): "
-                f"{'; '.join(f'{key} = {value}' for key, value in stand_ins.items())}.", ""] if stand_ins else []),
-             "## Stages", "", "| stage | wall time | tokens | dollars spent | at the paper's 2023 rates | note |",
-             "|---|---|---|---|---|---|"]
-    for stage, info in report["stages"].items():
-        if info["status"] == "stopped":
-            tokens = "" if info["tokens"] is None else f"{info['tokens']:,}"
-            lines.append(f"| {stage} | {_status_words(info)}; {info['wall_seconds']:.0f} s so far | {tokens} | "
-                         f"{format_value(info['usd'], 'usd')} | | {info['note']} |")
-            continue
-        if info["status"] != "complete":
-            lines.append(f"| {stage} | {_status_words(info)} | | | | |")
-            continue
-        paper_rates = "" if info["usd_paper_rates"] is None else format_value(info["usd_paper_rates"], "usd")
-        tokens = "" if info["tokens"] is None else f"{info['tokens']:,}"
-        lines.append(f"| {stage} | {info['wall_seconds']:.0f} s | {tokens} | {format_value(info['usd'], 'usd')} | {paper_rates} | "
-                     f"{info['note']} |")
-    lines += ["", "## Metrics beside the paper", "", "| metric | ours | 95 % interval | the paper |", "|---|---|---|---|"]
-    lines += ["| " + " | ".join(_metric_row(metric).values()) + " |" for metric in report["metrics"]]
-    lines += ["", "## Environment", "", *(f"- {line}" for line in environment_lines(report["environment"])), ""]
-    return "\n".join(lines)
-
-
-def environment_lines(env: dict[str, Any]) -> list[str]:
-    """Return the report's environment as lines of text: profile and commit, python, CPU and GPU, packages."""
-    packages = ", ".join(f"{name} {ver}" for name, ver in env["packages"].items() if ver)
-    return [f"profile: {env['profile']}; git commit: {env['git_commit'] or 'not a checkout'}",
-            f"python {env['python']} on {env['platform']}",
-            f"CPU: {env['cpu']} ({env['cpu_count']} cores); GPU: {env['gpu'] or 'none'}", f"packages: {packages}"]
-
-
-def stages_frame(report: dict[str, Any]) -> "pd.DataFrame":
-    """Return the report's stages as a table: status, wall time, tokens, dollars spent and at the paper's rates."""
-    import pandas as pd
-
-    rows = {}
-    for stage, info in report["stages"].items():
-        complete = info["status"] == "complete"
-        ran = complete or info["status"] == "stopped"  # a stopped stage has its time, tokens and dollars so far
-        rows[stage] = {
-            "status": "complete" if complete else _status_words(info),
-            "wall time": f"{info['wall_seconds']:.0f} s" if ran else "",
-            "tokens": f"{info['tokens']:,}" if ran and info["tokens"] is not None else "",
-            "dollars spent": format_value(info["usd"], "usd") if ran else "",
-            "at the paper's 2023 rates": format_value(info["usd_paper_rates"], "usd")
-            if complete and info["usd_paper_rates"] is not None else "",
-            "note": info.get("note", ""),
-        }
-    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("stage")
-
-
-def metrics_frame(report: dict[str, Any]) -> "pd.DataFrame":
-    """Return the report's metrics as a table: ours (with its 95 % interval) beside the paper's figure."""
-    import pandas as pd
-
-    rows = [_metric_row(metric) for metric in report["metrics"]]
-    return pd.DataFrame(rows, columns=["metric", "ours", "95 % interval", "the paper"]).set_index("metric")
-
-
-def _metric_row(metric: dict[str, Any]) -> dict[str, str]:
-    """Return one metric as the report's table shows it: label, ours, the 95 % interval, the paper's figure."""
-    unit = metric["unit"]
-    interval = "" if metric["interval"] is None else " to ".join(format_value(v, unit) for v in metric["interval"])
-    ours = metric.get("withheld") or format_value(metric["ours"], unit)  # reports before "withheld" lack it
-    return {"metric": metric["label"], "ours": ours, "95 % interval": interval,
-            "the paper": metric["paper"] or "-"}
-
-
-REPORT_FIGURES = ("generation_funnel", "loss_curve")
-
-
-def report_figure(report: dict[str, Any], key: str) -> tuple[str, Any] | None:
-    """Return (caption, matplotlib figure) for one of ``REPORT_FIGURES``, or None when the run lacks its data."""
-    import matplotlib.pyplot as plt
-
-    if not report[key]:
-        return None
-    figure, axis = plt.subplots(figsize=(7, 3.2), constrained_layout=True)
-    if key == "loss_curve":
-        steps, losses = zip(*report["loss_curve"])
-        axis.plot(steps, losses, marker="o", markersize=3)
-        axis.set_xlabel("optimizer step")
-        axis.set_ylabel("training loss (each step's batch)")
-        axis.set_title("Fine-tune loss curve")
-        return "The fine-tune's training loss per optimizer step (each point a different batch).", figure
-    funnel = report["generation_funnel"]
-    bars = axis.bar(list(funnel), [max(count, 0.8) for count in funnel.values()], color="#66c2a5")
-    axis.bar_label(bars, labels=[f"{count:,}" for count in funnel.values()])
-    axis.set_yscale("log")
-    axis.set_ylim(0.7, None)
-    axis.set_ylabel("task blocks (log scale)")
-    axis.set_title("Generation funnel")
-    return "Where the generated task blocks went: parsed, passed upstream's filters, kept.", figure
-
-
-def report_figures(report: dict[str, Any]) -> dict[str, tuple[str, Any]]:
-    """Return every figure the run has data for: {key: (caption, figure)}."""
-    return {key: figure for key in REPORT_FIGURES if (figure := report_figure(report, key)) is not None}
-
-
-def report_html(report: dict[str, Any]) -> str:
-    """Return the report card as one self-contained HTML page (the figures inlined as PNG)."""
-    import html
-
-    import matplotlib.pyplot as plt
-
-    body = [f"<pre>{html.escape(report_markdown(report))}</pre>"]
-    for caption, figure in report_figures(report).values():
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100)
-        plt.close(figure)
-        encoded = base64.b64encode(buffer.getvalue()).decode()
-        body.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{encoded}">'
-                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>alpaca-nb report card</title></head><body>"
-            + "\n".join(body) + "</body></html>\n")
-
-
-def write_report(report: dict[str, Any], out: str | os.PathLike) -> None:
-    """Write ``report.json``, ``report.md`` and ``report.html`` into ``out``."""
-    out = Path(out)
-    write_text_atomically(out / "report.json", json.dumps(report, indent=1) + "\n")
-    write_text_atomically(out / "report.md", report_markdown(report))
-    write_text_atomically(out / "report.html", report_html(report))

@@ -506,7 +506,8 @@ def test_load_result_refuses_a_run_that_did_not_finish(tmp_path):
 def test_the_report_withholds_the_win_rate_of_a_judge_that_disagrees_with_gpt4():
     from alpaca_nb.evaluate import win_rate
     from alpaca_nb.judge import Calibration
-    from alpaca_nb.reproduce import _judge_metrics, _metric_row
+    from alpaca_nb.report_card import _judge_metrics
+    from alpaca_nb.report_pages import _metric_row
 
     def judge(agree: int) -> dict:
         calibration = Calibration(16, agree / 16, (0.0, 1.0), 0.0, (0.0, 0.2), 0.5)
