@@ -16,6 +16,7 @@ from transformers import AttentionInterface, DataCollatorWithFlattening, PreTrai
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from alpaca_nb.plots import plot_padding
 from alpaca_nb.sft import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -167,21 +168,3 @@ def random_batches(count: int, batch_size: int, seed: int = 0) -> list[list[int]
 def padded_tokens(batches: Sequence[Sequence[int]], lengths: Sequence[int]) -> int:
     """Return the tokens computed when each batch is right-padded to its longest example."""
     return sum(max(lengths[index] for index in batch) * len(batch) for batch in batches if batch)
-
-
-def plot_padding(padding: "pd.DataFrame"):
-    """Return a bar chart of real and padding tokens per strategy (a ``padding_by_strategy`` table)."""
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 2.6), constrained_layout=True)
-    names = list(padding.index)[::-1]  # barh draws bottom-up: keep upstream on top
-    real, pad = padding.loc[names, "real tokens"], padding.loc[names, "padding tokens"]
-    axis.barh(names, real, color="#66c2a5", label="real tokens")
-    axis.barh(names, pad, left=real, color="#d9d9d9", label="padding")
-    for name in names:
-        row = padding.loc[name]
-        axis.annotate(f" {row['padding share']:.0%} padding", (row["computed tokens"], name), va="center", fontsize=8)
-    axis.set_xlabel("tokens computed per epoch")
-    axis.set_xlim(0, padding["computed tokens"].max() * 1.25)
-    axis.legend(fontsize=8, loc="lower right")
-    return figure

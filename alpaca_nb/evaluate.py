@@ -1,38 +1,43 @@
-"""Evaluation: pairwise win rates with intervals, AlpacaEval recomputed, replies, blind votes, the whole stage.
+"""The evaluation stage: the systems' replies to the evaluation instructions, then probes, TruthfulQA, the judge.
 
-Taught in chapter 5 (book/05_evaluation.md). The release reported "90 wins vs 89" with no interval;
-``win_rate`` says what such a count can and cannot show, ``comparisons_needed`` how many
-comparisons a real difference would take, and ``alpaca_eval_win_rate`` /
-``length_controlled_win_rate`` recompute AlpacaEval's leaderboard figures from its judgements.
-``generate_replies`` answers the evaluation instructions (batched, cached on disk); ``blind_pairs``,
-``record_vote`` and ``rater_agreement`` are the blind human comparison behind chapter 5's widget;
-``run_evaluation`` / ``read_evaluation`` are ``alpaca-nb evaluate``. The LLM judge is in ``judge``.
-Chapter 4's replies before and after its fine-tune (``greedy_replies``, ``stop_table`` at ``answer_cap``) are
-measured here too.
+Taught in chapter 5 (book/05_evaluation.md). ``generate_replies`` answers the evaluation instructions
+(batched, cached on disk); ``run_evaluation`` / ``read_evaluation`` are ``alpaca-nb evaluate``. What the stage
+and the chapter use lives beside it, each re-exported here: the release's "90 wins vs 89" and what such a
+count can show (``win_rate``, ``comparisons_needed``: ``stats``), AlpacaEval's win rates recomputed from its
+judgements (``alpaca_eval``), the blind human comparison behind chapter 5's widget (``blind_votes``), chapter
+4's replies and where they stop (``stop_rates``) and the charts (``plots``). The LLM judge is ``judge``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
-
-from alpaca_nb.data import DataError, PairwiseJudgement
+from alpaca_nb.alpaca_eval import (
+    LC_C_GRID, LC_FOLDS, AlpacaEvalWinRate, LengthControlledWinRate, alpaca_eval_table, alpaca_eval_win_rate,
+    answer_lengths, length_controlled_win_rate,
+)
+from alpaca_nb.blind_votes import (
+    CHOICES, Agreement, BlindPair, Vote, blind_pairs, next_pair, rater_agreement, read_votes, record_vote, tally,
+    votes_file,
+)
+from alpaca_nb.data import DataError
+from alpaca_nb.plots import plot_win_rates
 from alpaca_nb.sft import instruction_text
 from alpaca_nb.stats import (
     WinRate, comparisons_needed, fleiss_kappa, interval_from_standard_error, wilson_interval, win_rate,
 )
+from alpaca_nb.stop_rates import (
+    Reply, answer_cap, answer_tokens, answers_over, greedy_completions, greedy_replies, invents_a_section,
+    replies_table, stop_table,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "Agreement",
@@ -77,10 +82,6 @@ __all__ = [
     "wilson_interval",
     "win_rate",
 ]
-
-# AlpacaEval's length-controlled GLM: the C grid and fold count of src/alpaca_eval/metrics/glm_winrate.py.
-LC_C_GRID = tuple(float(c) for c in np.logspace(-4, 4, 10))
-LC_FOLDS = 5
 
 
 # --------------------------------------------------------------------------- replies
@@ -251,316 +252,6 @@ def generate_replies(system: str, instructions: Sequence[Any], *, template: str,
     return [known[key] for key in keys]
 
 
-# --------------------------------------------------------------------------- AlpacaEval
-
-
-@dataclass(frozen=True)
-class AlpacaEvalWinRate:
-    """AlpacaEval's win rate of output_2's system over output_1's (the reference), in percent."""
-
-    model: str
-    reference: str
-    win_rate: float
-    standard_error: float
-    n_wins: int
-    n_wins_base: int
-    n_draws: int
-    n_total: int
-    n_missing: int
-
-
-def _model_scores(annotations: list[PairwiseJudgement]) -> list[float | None]:
-    """Per-example score of output_2: a soft preference p in [1, 2] scores p - 1; a draw (0) one half."""
-    return [None if a.preference is None else 0.5 if a.preference == 0 else a.preference - 1 for a in annotations]
-
-
-def _systems(annotations: list[PairwiseJudgement]) -> tuple[str, str]:
-    if not annotations:
-        raise ValueError("no annotations")
-    pairs = {(a.generator_2, a.generator_1) for a in annotations}
-    if len(pairs) != 1:
-        raise ValueError(f"annotations compare several pairs of systems: {sorted(pairs)}; pass one pair at a time")
-    return pairs.pop()
-
-
-def alpaca_eval_win_rate(annotations: list[PairwiseJudgement]) -> AlpacaEvalWinRate:
-    """Recompute the leaderboard's win rate and standard error exactly as AlpacaEval does.
-
-    The win rate is the mean per-example score of output_2 (draw = 1/2), the standard error that
-    mean's (ddof 1); an example with no judgement is dropped.
-    """
-    model, reference = _systems(annotations)
-    scores = np.array([s for s in _model_scores(annotations) if s is not None])
-    if len(scores) < 2:
-        raise ValueError("a standard error needs at least two judged examples")
-    return AlpacaEvalWinRate(
-        model=model, reference=reference,
-        win_rate=100 * float(scores.mean()),
-        standard_error=100 * float(scores.std(ddof=1) / math.sqrt(len(scores))),
-        n_wins=int((scores > 0.5).sum()), n_wins_base=int((scores < 0.5).sum()), n_draws=int((scores == 0.5).sum()),
-        n_total=len(scores), n_missing=len(annotations) - len(scores))
-
-
-@dataclass(frozen=True)
-class LengthControlledWinRate:
-    """AlpacaEval's length-controlled win rate: the GLM's win rate with the length difference set to zero."""
-
-    model: str
-    reference: str
-    win_rate: float  # the raw win rate, percent
-    length_controlled: float  # percent
-    theta: float  # weight of tanh(standardised length difference)
-    phi: float  # weight of the instruction difficulty
-    psi: float  # the model's own strength
-    C: float  # inverse L1 strength chosen by cross-validation
-    n_total: int
-
-
-def _lc_features(annotations: list[PairwiseJudgement], difficulty: dict[str, float]) -> np.ndarray:
-    missing = [a.instruction for a in annotations if a.instruction not in difficulty]
-    if missing:
-        raise ValueError(f"{len(missing)} instructions have no difficulty, e.g. {missing[0][:60]!r}; "
-                         f"the length-controlled GLM needs AlpacaEval's 805 instructions")
-    delta = np.array([len(a.output_1) - len(a.output_2) for a in annotations], dtype=float)
-    scaled = np.tanh(delta / delta.std(ddof=1))
-    g = np.array([difficulty[a.instruction] for a in annotations])
-    return np.column_stack([scaled, g, np.ones(len(annotations))])
-
-
-def _soft_label_rows(features: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Each example twice: label 1 weighted p, label 0 weighted 1 - p (how a soft preference is fitted)."""
-    rows = np.vstack([features, features])
-    labels = np.concatenate([np.ones(len(p)), np.zeros(len(p))])
-    weights = np.concatenate([p, 1 - p])
-    groups = np.concatenate([np.arange(len(p)), np.arange(len(p))])
-    return rows, labels, weights, groups
-
-
-def _l1_logistic(C: float):
-    from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", fit_intercept=False, random_state=123)
-
-
-def _cross_validated_C(rows, labels, weights, groups) -> float:
-    from sklearn.metrics import log_loss
-    from sklearn.model_selection import GroupKFold
-
-    losses = []
-    for C in LC_C_GRID:
-        fold_losses = []
-        for train, test in GroupKFold(n_splits=LC_FOLDS).split(rows, labels, groups):
-            fit = _l1_logistic(C).fit(rows[train], labels[train], sample_weight=weights[train])
-            fold_losses.append(log_loss(labels[test], fit.predict_proba(rows[test])[:, 1],
-                                        sample_weight=weights[test], labels=[0, 1]))
-        losses.append(np.mean(fold_losses))
-    return LC_C_GRID[int(np.argmin(losses))]
-
-
-def length_controlled_win_rate(annotations: list[PairwiseJudgement],
-                               difficulty: dict[str, float]) -> LengthControlledWinRate:
-    """Fit AlpacaEval's length-controlled GLM to one model's judgements and return its LC win rate.
-
-    ``P(output_2 wins on i) = sigmoid(theta * tanh(s_i) + phi * g_i + psi)``, ``s_i`` the length
-    difference (reference minus model, characters) over its standard deviation, ``g_i`` the
-    instruction's difficulty; an L1 logistic fit without intercept (psi is the column of ones), C by
-    5-fold cross-validation over ``logspace(-4, 4, 10)``. LC = mean of ``sigmoid(phi * g_i + psi)``.
-    Upstream also adds judgements of two "gamed" baselines (lambda 0.2) that are not published on
-    GitHub; without them the figure lands near, not on, the leaderboard's.
-    """
-    model, reference = _systems(annotations)
-    judged = [a for a, s in zip(annotations, _model_scores(annotations)) if s is not None]
-    p = np.array([s for s in _model_scores(judged)])
-    rows, labels, weights, groups = _soft_label_rows(_lc_features(judged, difficulty), p)
-    C = _cross_validated_C(rows, labels, weights, groups)
-    theta, phi, psi = _l1_logistic(C).fit(rows, labels, sample_weight=weights).coef_[0]
-    g = rows[: len(p), 1]
-    length_controlled = 100 * float(np.mean(1 / (1 + np.exp(-(phi * g + psi)))))
-    return LengthControlledWinRate(model=model, reference=reference, win_rate=100 * float(p.mean()),
-                                   length_controlled=length_controlled, theta=float(theta), phi=float(phi),
-                                   psi=float(psi), C=C, n_total=len(p))
-
-
-def answer_lengths(answers: dict[str, list[str]]) -> "pd.DataFrame":
-    """Return length statistics (characters and words) of each system's answers."""
-    import pandas as pd
-
-    rows = []
-    for system, texts in answers.items():
-        chars = np.array([len(text) for text in texts])
-        words = np.array([len(text.split()) for text in texts])
-        rows.append({"system": system, "answers": len(texts), "mean characters": chars.mean(),
-                     "median characters": float(np.median(chars)), "mean words": words.mean(),
-                     "empty": int((chars == 0).sum())})
-    return pd.DataFrame(rows).set_index("system")
-
-
-def alpaca_eval_table(raw: AlpacaEvalWinRate, lc: LengthControlledWinRate, published: Any) -> "pd.DataFrame":
-    """Return the recomputed AlpacaEval figures beside the leaderboard's row (a ``data.LeaderboardRow``)."""
-    import pandas as pd
-
-    rows = {
-        "win rate (%)": (raw.win_rate, published.win_rate),
-        "standard error (points)": (raw.standard_error, published.standard_error),
-        "wins / losses / draws": (f"{raw.n_wins} / {raw.n_wins_base} / {raw.n_draws}",
-                                  f"{published.n_wins} / {published.n_wins_base} / {published.n_draws}"),
-        "length-controlled win rate (%)": (lc.length_controlled, published.length_controlled_winrate),
-    }
-    return pd.DataFrame.from_dict(rows, orient="index", columns=["recomputed here", "leaderboard"])
-
-
-def plot_win_rates(rates: dict[str, tuple[float, float, float]], title: str = "Win rate against text-davinci-003"):
-    """Plot each labelled win rate (rate, low, high, as fractions) with its 95 % interval and the 50 % line."""
-    import matplotlib.pyplot as plt
-
-    labels = list(rates)
-    figure, axes = plt.subplots(figsize=(7, 0.6 * len(labels) + 1.2))
-    for row, label in enumerate(labels):
-        rate, low, high = rates[label]
-        axes.errorbar(rate, row, xerr=[[rate - low], [high - rate]], fmt="o", capsize=4, color="tab:blue")
-    axes.axvline(0.5, color="grey", linestyle="--", linewidth=1)
-    axes.set_yticks(range(len(labels)), labels)
-    axes.invert_yaxis()
-    axes.set_xlim(0, 1)
-    axes.set_xlabel("win rate (ties count one half), 95 % interval")
-    axes.set_title(title)
-    figure.tight_layout()
-    return figure
-
-
-# --------------------------------------------------------------------------- blind human comparison
-
-CHOICES = ("A", "B", "tie", "skip")
-
-
-@dataclass(frozen=True)
-class BlindPair:
-    """One item as a rater sees it: two answers in a random order, the systems hidden behind A and B."""
-
-    item: str
-    instruction: str
-    input: str
-    answer_a: str
-    answer_b: str
-    system_a: str
-    system_b: str
-
-
-@dataclass(frozen=True)
-class Vote:
-    rater: str
-    item: str
-    choice: str  # "A", "B", "tie" or "skip"
-    system_a: str
-    system_b: str
-
-    @property
-    def winner(self) -> str | None:
-        """The system the rater preferred; "tie" for a tie; None for a skip."""
-        return {"A": self.system_a, "B": self.system_b, "tie": "tie"}.get(self.choice)
-
-
-def blind_pairs(rater: str, items: Sequence[Any], first: Sequence[str], second: Sequence[str],
-                names: tuple[str, str], seed: int = 0) -> list[BlindPair]:
-    """Return one blind pair per item (objects with ``id``, ``instruction``, ``input``) for ``rater``.
-
-    ``first`` and ``second`` are the two systems' answers, named ``names``. Which answer is A is drawn
-    per item from a generator seeded by (seed, rater): the same rater always sees the same order.
-    """
-    import random
-
-    if not (len(items) == len(first) == len(second)):
-        raise ValueError(f"{len(items)} items, {len(first)} and {len(second)} answers: one answer each per item")
-    draw = random.Random(f"{seed}:{rater}")
-    pairs = []
-    for item, one, two in zip(items, first, second):
-        swap = draw.random() < 0.5
-        (answer_a, system_a), (answer_b, system_b) = ((two, names[1]), (one, names[0])) if swap else \
-            ((one, names[0]), (two, names[1]))
-        pairs.append(BlindPair(item.id, item.instruction, item.input, answer_a, answer_b, system_a, system_b))
-    return pairs
-
-
-def votes_file(profile: Any) -> Path:
-    """Return the JSONL file where chapter 5 keeps the profile's blind votes: in the profile's run folder, beside
-    the recipe and never inside a stage folder, so rerunning the evaluate stage (a new fine-tune, a changed
-    setting) cannot delete what people voted."""
-    return profile.run_dir("votes") / "votes.jsonl"
-
-
-def record_vote(path: str | os.PathLike, rater: str, pair: BlindPair, choice: str) -> Vote:
-    """Append one vote to the votes JSONL file (one whole line, synced: a kill never leaves half a vote)."""
-    from alpaca_nb.jsonl import append_records
-
-    if choice not in CHOICES:
-        raise ValueError(f"choice must be one of {CHOICES}, got {choice!r}")
-    if not rater.strip():
-        raise ValueError("a vote needs the rater's name")
-    vote = Vote(rater.strip(), pair.item, choice, pair.system_a, pair.system_b)
-    append_records(Path(path), [asdict(vote)])
-    return vote
-
-
-def read_votes(path: str | os.PathLike) -> list[Vote]:
-    """Return the votes in ``path`` (none if it does not exist); a torn last line is dropped, other damage refused."""
-    from alpaca_nb.jsonl import read_records
-
-    votes = []
-    for number, record in read_records(Path(path)):
-        where = f"{path}, line {number}"
-        for name in ("rater", "item", "choice", "system_a", "system_b"):
-            if not isinstance(record.get(name), str):
-                raise DataError(f"{where}, field {name!r}: missing or not a string; the file is unchanged")
-        if record["choice"] not in CHOICES:
-            raise DataError(f"{where}, field 'choice': {record['choice']!r} is not one of {CHOICES}")
-        votes.append(Vote(**{name: record[name] for name in ("rater", "item", "choice", "system_a", "system_b")}))
-    return votes
-
-
-def next_pair(pairs: Sequence[BlindPair], votes: Sequence[Vote], rater: str) -> BlindPair | None:
-    """Return the first pair ``rater`` has not voted on (a skip counts as seen), or None when all are done."""
-    seen = {vote.item for vote in votes if vote.rater == rater.strip()}
-    return next((pair for pair in pairs if pair.item not in seen), None)
-
-
-def tally(votes: Sequence[Vote], system: str, other: str) -> WinRate:
-    """Return ``system``'s win rate against ``other`` over every rater's votes (ties one half, skips left out)."""
-    counted = [vote.winner for vote in votes if vote.winner is not None]
-    return win_rate(counted.count(system), counted.count(other), counted.count("tie"))
-
-
-@dataclass(frozen=True)
-class Agreement:
-    statistic: str  # "Cohen's kappa" (two raters) or "Fleiss' kappa" (more)
-    kappa: float
-    raters: int
-    items: int  # items every one of those raters judged (skips left out)
-
-
-def rater_agreement(votes: Sequence[Vote]) -> Agreement | None:
-    """Return the raters' agreement on the items they all judged, or None with fewer than two raters or items.
-
-    Labels are the preferred system or "tie". Cohen's kappa for two raters, Fleiss' kappa for more.
-    """
-    labels: dict[str, dict[str, str]] = {}
-    for vote in votes:  # a rater's last vote on an item counts
-        if vote.winner is not None:
-            labels.setdefault(vote.rater, {})[vote.item] = vote.winner
-    raters = sorted(labels)
-    if len(raters) < 2:
-        return None
-    shared = sorted(set.intersection(*(set(labels[rater]) for rater in raters)))
-    if len(shared) < 2:
-        return None
-    table = [[labels[rater][item] for rater in raters] for item in shared]
-    if len(raters) == 2:
-        from sklearn.metrics import cohen_kappa_score
-
-        kappa = float(cohen_kappa_score([row[0] for row in table], [row[1] for row in table]))
-        return Agreement("Cohen's kappa", kappa, 2, len(shared))
-    return Agreement("Fleiss' kappa", fleiss_kappa(table), len(raters), len(shared))
-
-
 # --------------------------------------------------------------------------- the whole stage (``alpaca-nb evaluate``)
 
 RESULTS_FILE = "results.json"
@@ -673,152 +364,3 @@ def read_evaluation(out_dir: str | os.PathLike) -> EvaluationResults:
         return EvaluationResults(**raw)
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise DataError(f"{path}: not an evaluation results file ({type(error).__name__}: {error})") from None
-
-
-# --------------------------------------------------------------------------- replies before and after a fine-tune (chapter 4)
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One greedy reply to an Alpaca prompt, and whether the model ended it itself."""
-
-    text: str
-    new_tokens: int  # generated before the end-of-sequence token, or up to the cap
-    stopped: bool  # the model emitted EOS before ``max_new_tokens``; False = cut by the cap
-
-
-def _end_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """Return every token id that ends generation: the tokenizer's EOS and the generation config's."""
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    ids = set(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
-    return ids | {tokenizer.eos_token_id}
-
-
-def greedy_replies(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Sequence[Any], max_new_tokens: int = 128,
-    batch_size: int = 8,
-) -> list[Reply]:
-    """Return the model's greedy reply to each record's Alpaca prompt (no chat template: the fine-tuned format)."""
-    from alpaca_nb.sft import format_prompt
-
-    prompts = [format_prompt(record.instruction, record.input) for record in records]
-    return greedy_completions(model, tokenizer, prompts, max_new_tokens, batch_size)
-
-
-def greedy_completions(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int = 128,
-    batch_size: int = 8, add_special_tokens: bool = True, show_progress: bool = True,
-) -> list[Reply]:
-    """Return the model's greedy continuation of each prompt, exactly as written (a template already applied).
-
-    Batched with left padding, so every prompt ends where generation starts. A reply counts as stopped when
-    an end id appears among its new tokens; a row that ended early is padded with the pad id afterwards,
-    which is EOS for the embedded model, so the first end id is where the model stopped. A tokenizer without a
-    pad token (LLaMA-7B's, the cluster's base model) pads with EOS here, for this call only: the attention mask
-    hides the padding.
-    """
-    import torch
-
-    from alpaca_nb.progress import progress_bar
-
-    end_ids = _end_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    replies: list[Reply] = []
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    borrowed_pad = tokenizer.pad_token is None
-    if borrowed_pad:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        for start in progress_bar(range(0, len(prompts), batch_size), desc="greedy replies", unit="batch",
-                                  disable=not show_progress):
-            batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
-                              add_special_tokens=add_special_tokens).to(model.device)
-            with torch.inference_mode():
-                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
-            for row in output[:, batch["input_ids"].shape[1]:].tolist():
-                end = next((index for index, token in enumerate(row) if token in end_ids), None)
-                kept = row if end is None else row[:end]
-                replies.append(Reply(tokenizer.decode(kept, skip_special_tokens=True).strip(), len(kept),
-                                     end is not None))
-    finally:
-        tokenizer.padding_side = side
-        if borrowed_pad:
-            tokenizer.pad_token = None
-    return replies
-
-
-def invents_a_section(text: str) -> bool:
-    """Return True when a reply writes a new "### ..." header (an Instruction, Response or Explanation of its own)."""
-    return re.search(r"^\s*###", text, flags=re.MULTILINE) is not None
-
-
-def answer_tokens(records: Sequence[Any], tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Return the length in tokens of each record's reference answer (its ``output``)."""
-    return [len(tokenizer(record.output, add_special_tokens=False)["input_ids"]) for record in records]
-
-
-def _ends_within(tokens: int, cap: int) -> bool:
-    """Return True when a text of ``tokens`` tokens, then its end-of-sequence token, fits in ``cap`` new tokens."""
-    return tokens < cap
-
-
-def answer_cap(records: Sequence[Any], tokenizer: PreTrainedTokenizerBase) -> int:
-    """Return the token cap that measures whether replies end: the longest reference answer among ``records``,
-    plus its end-of-sequence token. A reply still running there is longer than every answer in the data; a
-    smaller cap would count a reply as run on for being as long as the data's own answer (chapter 4)."""
-    return 1 + max(answer_tokens(records, tokenizer), default=0)
-
-
-def answers_over(records: Sequence[Any], tokenizer: PreTrainedTokenizerBase, cap: int) -> int:
-    """Return how many reference answers among ``records`` would not end (EOS included) within ``cap`` tokens."""
-    return sum(not _ends_within(tokens, cap) for tokens in answer_tokens(records, tokenizer))
-
-
-def stop_table(replies: dict[str, Sequence[Reply]], max_new_tokens: int, within: int | None = None) -> "pd.DataFrame":
-    """Return one row per model: how many replies ended with EOS before the cap (and, given ``within``, how many
-    of them within that many tokens), why the others ran on (a loop or not), how many invented a ``###``
-    section, the share that ended with its 95 % interval, and how long the replies ran."""
-    import pandas as pd
-
-    from alpaca_nb.sft import repeats_itself
-
-    rows = {}
-    for name, model_replies in replies.items():
-        stopped = sum(reply.stopped for reply in model_replies)
-        cut = [reply for reply in model_replies if not reply.stopped]
-        lengths = sorted(reply.new_tokens for reply in model_replies)
-        ended_within = {} if within is None else {f"ended within {within} tokens": sum(
-            reply.stopped and _ends_within(reply.new_tokens, within) for reply in model_replies)}
-        rows[name] = {"replies": len(model_replies), "ended with EOS": stopped, **ended_within,
-                      f"cut at {max_new_tokens} tokens": len(cut),
-                      "of which looping": sum(repeats_itself(reply.text) for reply in cut),
-                      "with an invented ### section": sum(invents_a_section(reply.text) for reply in model_replies),
-                      "stop rate": stopped / len(model_replies) if model_replies else None,
-                      "95 % interval": _percent_interval(stopped, len(model_replies)),
-                      "median tokens": lengths[len(lengths) // 2] if lengths else None}
-    return pd.DataFrame.from_dict(rows, orient="index")
-
-
-def _percent_interval(successes: int, n: int) -> str | None:
-    """Return Wilson's 95 % interval of ``successes / n`` written for a table ("80%-98%"); None for no data."""
-    if n == 0:
-        return None
-    low, high = wilson_interval(successes, n)
-    return f"{low:.0%}-{high:.0%}"
-
-
-def replies_table(
-    records: Sequence[Any], replies: dict[str, Sequence[Reply]], reference_name: str = "reference output",
-) -> "pd.DataFrame":
-    """Return a table: each record's instruction, input and reference output (a column named whose answer it
-    is, ``reference_name``), then each model's reply, marked where the token cap cut it (chapter 4)."""
-    import pandas as pd
-
-    rows = []
-    for index, record in enumerate(records):
-        row = {"instruction": record.instruction, "input": record.input, reference_name: record.output}
-        for name, model_replies in replies.items():
-            reply = model_replies[index]
-            row[name] = reply.text if reply.stopped else f"{reply.text} [cut at the token cap]"
-        rows.append(row)
-    return pd.DataFrame(rows)

@@ -1,8 +1,9 @@
 """The demo's two safety measures, as Alpaca's release had them: a content filter and a watermark.
 
-Taught in chapter 6. ``moderate`` asks OpenAI's moderation endpoint when a client is given, and otherwise
-an offline checker: alt-profanity-check's linear SVM (offensive language, its model inside its wheel) plus
-the short rule set in ``moderation_rules.toml`` for categories the classifier does not cover.
+Taught in chapter 6. The content filter is ``content_filter``'s (re-exported here): ``moderate`` asks OpenAI's
+moderation endpoint when a client is given, and otherwise an offline checker: alt-profanity-check's linear SVM
+(offensive language, its model inside its wheel) plus the short rule set in ``moderation_rules.toml`` for
+categories the classifier does not cover.
 
 The watermark is Kirchenbauer et al. (2023), "A Watermark for Large Language Models", through transformers'
 own implementation (``WatermarkingConfig``, ``WatermarkDetector``), at the paper's settings: a green list of
@@ -17,16 +18,20 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
-import tomllib
 from dataclasses import dataclass
-from functools import lru_cache, partial
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
+
+from alpaca_nb.content_filter import (
+    LABELLED_SETS, MODERATION_MODEL, OFFENSIVE_THRESHOLD, OFFLINE_CHECKER, PROMPT_KINDS, ErrorRates, LabelledPrompt,
+    Moderation, ModerationError, checker_error_rates, checker_mistakes, load_labelled_prompts, moderate,
+    moderation_client, parse_rules, profile_filter,
+)
+from alpaca_nb.plots import plot_watermark
+from alpaca_nb.stats import roc_auc
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -68,172 +73,7 @@ DELTA = 2.0           # the paper's logit bias
 DETECTION_Z = 4.0     # the paper's threshold (transformers defaults to 3)
 SAMPLING_TEMPERATURE = 0.7  # the authors' --sampling_temp in the runs behind the paper's Table 2
 SEEDING_SCHEME = "lefthash"
-MODERATION_MODEL = "omni-moderation-latest"
-OFFENSIVE_THRESHOLD = 0.5  # alt-profanity-check's own decision boundary (its ``predict``)
 EXPERIMENT_FILE = "experiment.json"  # a watermark experiment as the recipe's watermark stage writes it
-
-
-class ModerationError(ValueError):
-    """A moderation file or answer that cannot be used: names the file, line and field."""
-
-
-# --------------------------------------------------------------------------- the content filter
-
-
-@dataclass(frozen=True)
-class Moderation:
-    """One text's moderation: flagged when any category is, each category's flag and score, and who answered."""
-
-    flagged: bool
-    categories: dict[str, bool]
-    scores: dict[str, float]
-    checker: str  # "openai:omni-moderation-latest" or "offline:alt-profanity-check+rules"
-
-    def flagged_categories(self) -> list[str]:
-        return [name for name, flagged in self.categories.items() if flagged]
-
-
-def moderation_client(profile: Any) -> Any:
-    """Return an ``openai.OpenAI`` client for the profile's moderation endpoint, or None for the offline checker."""
-    if profile.moderation_base_url is None:
-        return None
-    import openai
-
-    return openai.OpenAI(base_url=profile.moderation_base_url)  # the key comes from OPENAI_API_KEY
-
-
-def profile_filter(profile: Any) -> Callable[[str], Moderation]:
-    """Return the profile's content filter: ``moderate`` bound to its moderation endpoint, or offline."""
-    return partial(moderate, client=moderation_client(profile))
-
-
-def moderate(text: str, client: Any = None, model: str = MODERATION_MODEL) -> Moderation:
-    """Return ``text``'s moderation: OpenAI's endpoint through ``client`` (an ``openai.OpenAI``), else offline."""
-    if client is not None:
-        return _moderate_api(text, client, model)
-    return _moderate_offline(text)
-
-
-def _moderate_api(text: str, client: Any, model: str) -> Moderation:
-    response = client.moderations.create(model=model, input=text)
-    result = response.results[0]
-    categories = result.categories.model_dump(by_alias=True)
-    scores = result.category_scores.model_dump(by_alias=True)
-    return Moderation(bool(result.flagged), {k: bool(v) for k, v in categories.items()},
-                      {k: float(scores.get(k) or 0.0) for k in categories}, f"openai:{response.model or model}")
-
-
-OFFLINE_CHECKER = "offline:alt-profanity-check+rules"
-
-
-def _moderate_offline(text: str) -> Moderation:
-    from profanity_check import predict_prob
-
-    offensive = float(predict_prob([text])[0])
-    categories = {"offensive": offensive >= OFFENSIVE_THRESHOLD}
-    scores = {"offensive": offensive}
-    for category, patterns in _rules().items():
-        matched = any(pattern.search(text) for pattern in patterns)
-        categories[category], scores[category] = matched, float(matched)
-    return Moderation(any(categories.values()), categories, scores, OFFLINE_CHECKER)
-
-
-@lru_cache(maxsize=1)
-def _rules() -> dict[str, tuple[re.Pattern, ...]]:
-    source = resources.files("alpaca_nb") / "moderation_rules.toml"
-    return parse_rules(source.read_text(encoding="utf-8"), source.name)
-
-
-def parse_rules(text: str, name: str) -> dict[str, tuple[re.Pattern, ...]]:
-    """Return a rule file's patterns by category, compiled; a bad one is named by file, category and position."""
-    try:
-        table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ModerationError(f"{name}: not TOML ({exc})") from exc
-    rules = {}
-    for category, entry in table.items():
-        patterns = entry.get("patterns") if isinstance(entry, dict) else None
-        if not isinstance(patterns, list):
-            raise ModerationError(f"{name}: [{category}] needs a list of strings named 'patterns'")
-        compiled = []
-        for index, pattern in enumerate(patterns):
-            try:
-                compiled.append(re.compile(pattern, re.IGNORECASE))
-            except (re.error, TypeError) as exc:
-                raise ModerationError(f"{name}: [{category}] patterns[{index}]: {exc}") from exc
-        rules[category] = tuple(compiled)
-    return rules
-
-
-@dataclass(frozen=True)
-class LabelledPrompt:
-    text: str
-    harmful: bool
-    kind: str  # "harmful", "benign" or "benign_alarming" (benign, with words such as kill or shoot)
-
-
-# The development set was written with the rules and shaped them; the test set was written afterwards by
-# someone who never saw the rules, and the rules were not changed after it was scored.
-LABELLED_SETS = {"development": "moderation_prompts.jsonl", "test": "moderation_test_prompts.jsonl"}
-PROMPT_KINDS = {"harmful": True, "benign": False, "benign_alarming": False}
-
-
-def load_labelled_prompts(which: str = "test") -> list[LabelledPrompt]:
-    """Return one of chapter 6's labelled prompt sets (``LABELLED_SETS``), checked field by field."""
-    if which not in LABELLED_SETS:
-        raise ValueError(f"which={which!r}: expected one of {sorted(LABELLED_SETS)}")
-    source = resources.files("alpaca_nb") / LABELLED_SETS[which]
-    prompts = []
-    for number, line in enumerate(source.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ModerationError(f"{source.name}:{number}: not JSON ({exc.msg})") from exc
-        for field, kind in (("text", str), ("harmful", bool), ("kind", str)):
-            if not isinstance(row.get(field), kind):
-                raise ModerationError(f"{source.name}:{number}: field {field!r} must be a {kind.__name__}")
-        if PROMPT_KINDS.get(row["kind"]) is not row["harmful"]:
-            raise ModerationError(f"{source.name}:{number}: field 'kind' is {row['kind']!r} with harmful="
-                                  f"{row['harmful']}: expected one of {PROMPT_KINDS}")
-        prompts.append(LabelledPrompt(row["text"], row["harmful"], row["kind"]))
-    return prompts
-
-
-@dataclass(frozen=True)
-class ErrorRates:
-    """A checker's mistakes on a labelled set: flagged benign prompts and missed harmful ones."""
-
-    false_positives: int
-    benign: int
-    false_negatives: int
-    harmful: int
-
-    @property
-    def false_positive_rate(self) -> float | None:
-        return self.false_positives / self.benign if self.benign else None
-
-    @property
-    def false_negative_rate(self) -> float | None:
-        return self.false_negatives / self.harmful if self.harmful else None
-
-
-def checker_error_rates(prompts: Sequence[LabelledPrompt], verdicts: Sequence[Moderation]) -> ErrorRates:
-    """Return the false-positive and false-negative counts of ``verdicts`` against the prompts' labels."""
-    if len(prompts) != len(verdicts):
-        raise ValueError(f"{len(prompts)} prompts but {len(verdicts)} verdicts")
-    pairs = list(zip(prompts, verdicts))
-    return ErrorRates(
-        false_positives=sum(v.flagged for p, v in pairs if not p.harmful), benign=sum(not p.harmful for p in prompts),
-        false_negatives=sum(not v.flagged for p, v in pairs if p.harmful), harmful=sum(p.harmful for p in prompts),
-    )
-
-
-def checker_mistakes(prompts: Sequence[LabelledPrompt], verdicts: Sequence[Moderation]) -> list[dict[str, str]]:
-    """Return one row per prompt the checker got wrong: the prompt, its label, and what the checker flagged."""
-    return [{"prompt": p.text, "label": p.kind, "flagged as": ", ".join(v.flagged_categories()) or "(allowed)"}
-            for p, v in zip(prompts, verdicts, strict=True) if p.harmful != v.flagged]
 
 
 # --------------------------------------------------------------------------- the watermark
@@ -503,7 +343,7 @@ def detection_table(experiment: WatermarkExperiment) -> "pd.DataFrame":
                      "detected (true positives)": _share_above(marked, experiment.threshold),
                      "false positives": _share_above(plain, experiment.threshold),
                      "median z, watermarked": _median(marked), "median z, plain": _median(plain),
-                     "ROC AUC": _auc(marked, plain)})
+                     "ROC AUC": roc_auc(marked, plain)})
     return pd.DataFrame(rows).set_index("tokens")
 
 
@@ -529,12 +369,6 @@ def _median(values: Sequence[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def _auc(marked: Sequence[float], plain: Sequence[float]) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score([1] * len(marked) + [0] * len(plain), [*marked, *plain]))
-
-
 # Kirchenbauer et al. (2023), arXiv:2301.10226, Table 2: OPT-1.3B, T = 200 tokens, gamma 0.25, delta 2.0,
 # multinomial sampling, detection at z = 4. Their runs sampled at temperature 0.7, delta added before it
 # (lm-watermarking, experiments/README.md and run_watermarking.py).
@@ -551,27 +385,3 @@ def paper_comparison(detection: "pd.DataFrame") -> str:
             f"z > {DETECTION_Z:g}, {row['false positives']:.1%} of plain texts flagged ({int(row['texts'])} of each). "
             f"The paper: {PAPER_TRUE_POSITIVE_RATE:.1%} detected at {PAPER_TOKENS} tokens with OPT-1.3B, multinomial "
             f"sampling at temperature {SAMPLING_TEMPERATURE}, gamma {GAMMA}, delta {DELTA} ({PAPER_SOURCE}).")
-
-
-def plot_watermark(experiment: WatermarkExperiment):
-    """Return a figure: the z-score distributions at the longest length, and the ROC curve at every length."""
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    longest = max(experiment.z_marked)
-    figure, (histogram, roc) = plt.subplots(1, 2, figsize=(10, 3.6))
-    histogram.hist(experiment.z_plain[longest], bins=20, alpha=0.6, label="plain")
-    histogram.hist(experiment.z_marked[longest], bins=20, alpha=0.6, label="watermarked")
-    histogram.axvline(experiment.threshold, color="black", linestyle="--", label=f"z = {experiment.threshold:g}")
-    histogram.set(xlabel=f"z-score of the first {longest} tokens", ylabel="texts",
-                  title="Detector z-scores")
-    histogram.legend(loc="upper center")
-    for length, marked in experiment.z_marked.items():
-        plain = experiment.z_plain[length]
-        false_positive, true_positive, _ = roc_curve([1] * len(marked) + [0] * len(plain), [*marked, *plain])
-        roc.plot(false_positive, true_positive, label=f"{length} tokens (AUC {_auc(marked, plain):.3f})")
-    roc.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    roc.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC by text length")
-    roc.legend(loc="lower right", fontsize="small")
-    figure.tight_layout()
-    return figure

@@ -13,8 +13,10 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["WinRate", "comparisons_needed", "evenly_spaced", "fleiss_kappa", "interval_from_standard_error",
-           "wilson_interval", "win_rate"]
+__all__ = [
+    "WinRate", "comparisons_needed", "evenly_spaced", "fleiss_kappa", "interval_from_standard_error", "roc_auc",
+    "wilson_interval", "win_rate",
+]
 
 
 @dataclass(frozen=True)
@@ -110,3 +112,10 @@ def evenly_spaced(items: Sequence, count: int | None) -> list:
     if count is None or count >= len(items):
         return list(items)
     return [items[(index * len(items)) // count] for index in range(count)]
+
+
+def roc_auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
+    """Return the area under the ROC curve of a score that should be higher for ``positives`` than ``negatives``."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score([1] * len(positives) + [0] * len(negatives), [*positives, *negatives]))

@@ -8,16 +8,30 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "alpaca_nb"
-STAGE_MODULES = ("seeds", "selfinstruct", "costs", "train", "evaluate", "judge", "hallucination", "safety", "demo")
+STAGE_MODULES = (
+    "seeds", "selfinstruct_prompts", "format_constraints", "generation_runs", "selfinstruct_inspection", "selfinstruct",
+    "costs", "train_config", "training_data", "train_callbacks", "train", "alpaca_eval", "blind_votes", "stop_rates",
+    "judge", "hallucination", "truthfulqa", "evaluate", "content_filter", "safety", "demo",
+)
+# The recipe's own modules and the commands and views above it: the only ones that may ask the recipe for stages.
+ABOVE_THE_STAGES = {"chapter_runs", "report_card", "report_pages", "cli", "lab", "widgets", "static_widgets",
+                    "demo_server", "book"}
+
+
+def _run_time_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Return every node of ``tree`` but those under ``if TYPE_CHECKING:``, which Python never runs (annotations)."""
+    skipped = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) ==
+               "TYPE_CHECKING" for child in node.body for inner in ast.walk(child)}
+    return [node for node in ast.walk(tree) if id(node) not in skipped]
 
 
 def imports() -> dict[str, set[str]]:
-    """Return each module's alpaca_nb imports, wherever in the module they are."""
+    """Return each module's alpaca_nb imports, wherever in the module they are (type annotations' aside)."""
     modules = {path.stem for path in PACKAGE.glob("*.py")}
     graph: dict[str, set[str]] = {}
     for path in PACKAGE.glob("*.py"):
         found = set()
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _run_time_nodes(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "alpaca_nb":
                 parts = node.module.split(".")
                 found |= {parts[1]} if len(parts) > 1 else {alias.name for alias in node.names} & modules
@@ -70,9 +84,21 @@ def test_no_import_circle_in_the_package():
     assert circles(graph) == []
 
 
+def test_the_walk_skips_what_only_type_checkers_read():
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from alpaca_nb.x import A\nimport alpaca_nb.y\n")
+    assert [node.names[0].name for node in _run_time_nodes(tree) if isinstance(node, (ast.Import, ast.ImportFrom))] \
+        == ["TYPE_CHECKING", "alpaca_nb.y"]
+
+
+def test_no_module_holds_more_than_about_450_lines():
+    lines = {path.name: len(path.read_text(encoding="utf-8").splitlines()) for path in PACKAGE.glob("*.py")}
+    assert {name: count for name, count in lines.items() if count > 460} == {}
+
+
 def test_no_stage_module_knows_the_recipe():
     graph = imports()
     assert {module: "reproduce" for module in STAGE_MODULES if "reproduce" in graph[module]} == {}
+    assert {module for module, imported in graph.items() if "reproduce" in imported} <= ABOVE_THE_STAGES
 
 
 def test_shared_statistics_sit_below_evaluation_judging_and_hallucination():

@@ -198,7 +198,7 @@ def _inference_helpers():
     from alpaca_nb.data import AlpacaRecord
     from alpaca_nb.demo import ChatDemo
     from alpaca_nb.evaluate import greedy_replies
-    from alpaca_nb.hallucination import _PrefixScorer
+    from alpaca_nb.truthfulqa import _PrefixScorer
     from alpaca_nb.safety import Generation, generate_watermarked, perplexity
 
     record = AlpacaRecord(instruction="Name a colour.", input="", output="Blue.")
