@@ -35,7 +35,7 @@ from alpaca_nb.claims import SOURCE_URL
 from alpaca_nb.stage_folders import Provenance, StageError, read_manifest, read_stop
 
 __all__ = [
-    "REPORT_SCHEMA", "UNITS", "environment", "read_report",
+    "REPORT_SCHEMA", "UNITS", "WATERMARK_FILE", "environment", "read_report", "report_from_stages",
 ]
 
 REPORT_SCHEMA = 2  # 2: a stage may be "stopped", with its reason and count
