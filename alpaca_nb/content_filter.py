@@ -1,6 +1,6 @@
-"""The demo's content filter: OpenAI's moderation endpoint (the cluster profile) or an offline rule checker
-(laptop), one :class:`Moderation` verdict per text, and the filter's error rates on labelled prompts. Taught in
-chapter 6, beside the watermark of ``safety``.
+"""The demo's content filter: OpenAI's moderation endpoint (the cluster profile) or the offline checker (laptop:
+alt-profanity-check's classifier plus the rules in ``moderation_rules.toml``), one :class:`Moderation` verdict per
+text, and the filter's error rates on labelled prompts. Taught in chapter 6, beside the watermark of ``safety``.
 """
 
 from __future__ import annotations

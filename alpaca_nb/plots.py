@@ -1,5 +1,7 @@
-"""Every chart the chapters draw, in one place: each takes a stage's results (a report, a table, a run) and
-returns a matplotlib figure; none computes what it draws. The stage modules re-export their charts.
+"""The chapters' charts, in one place: each takes a stage's results (a report, a table, an experiment) and returns
+a matplotlib figure, computing only what the drawing needs (positions, error bars, a legend's AUC). The stage
+modules re-export their charts. Chapter 1's charts and chapter 3's cost curve stay in ``seeds`` and
+``api_costs``: they are drawn from those modules' own counts, and would import them back.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The statistics evaluation, judging and hallucination share: win rates with their interval and sign test, the
-comparisons a difference needs, proportion intervals, rater agreement, and a reproducible spread subset.
+comparisons a difference needs, proportion intervals, rater agreement, ROC AUC, and a reproducible spread subset.
 
 Below ``evaluate``, ``judge`` and ``hallucination``, which import it and nothing of each other's for these.
 """
